@@ -1,0 +1,46 @@
+"""Models: ``load(id_or_path)`` returns an adapter exposing the site grammar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from interp.errors import InterpError
+from interp.models.adapter import Batch, Hook, LlavaAdapter, Positions
+from interp.models.organism import LVLM_DIR
+
+__all__ = ["Batch", "Hook", "LlavaAdapter", "Positions", "load"]
+
+ALIASES = {"organism": LVLM_DIR}
+
+
+def load(
+    id_or_path: str | Path = "organism", *, device: str = "cpu", trust_remote_code: bool = False
+) -> LlavaAdapter:
+    """Load a checkpoint (local folder or HF id; ``organism`` = the embedded one) into an adapter.
+
+    Weights are read from safetensors only; ``trust_remote_code`` stays off unless asked for.
+    """
+    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
+
+    src = ALIASES.get(str(id_or_path), id_or_path)
+    path = Path(src)
+    if path.exists() or str(id_or_path) in ALIASES:
+        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+            hint = " (train it: python -m interp.models.train)" if str(id_or_path) in ALIASES else ""
+            raise InterpError(f"missing weights: {path} has no config.json + *.safetensors{hint}")
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise InterpError(f"cannot load model {id_or_path!r}: {str(e).splitlines()[0]}") from None
+    if config.model_type != "llava":
+        raise InterpError(f"unsupported architecture {config.model_type!r} for {id_or_path}: supported: llava")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        src, use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation="eager"
+    ).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    pre = path / "preprocessor_config.json"
+    preprocess = json.loads(pre.read_text()) if pre.is_file() else {}
+    return LlavaAdapter(model, tokenizer, preprocess, model_id=str(id_or_path))

@@ -1,0 +1,275 @@
+"""Adapters: one site grammar over real HF module trees, executed through nnsight.
+
+An adapter maps site names (``interp.sites``) onto hook points of one architecture family,
+turns images + prompts into a :class:`Batch` with typed positions, and runs the model with
+reads and edits at any sites in one nnsight trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nnsight import NNsight
+
+from interp import sites as S
+from interp.errors import InterpError
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Where a site lives: a module's input or output, optionally one element of a tuple output."""
+
+    module: str
+    io: str = "output"
+    index: int | None = None
+
+
+@dataclass
+class Positions:
+    """Typed positions of one sample's LM sequence (image patches carry their grid row/col)."""
+
+    kinds: list[str]  # "special" | "image" | "text" | "pad"
+    rows: list[int]
+    cols: list[int]
+    tokens: list[str]
+    spans: dict[str, list[int]] = field(default_factory=dict)
+
+    def span(self, name: str) -> list[int]:
+        if name not in self.spans:
+            raise InterpError(f"span {name!r} not in this prompt; spans: {', '.join(sorted(self.spans))}")
+        return self.spans[name]
+
+
+@dataclass
+class Batch:
+    """Model inputs plus typed positions; rows are right-padded to one length."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    positions: list[Positions]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def answer_index(self) -> torch.Tensor:
+        """Position whose logits predict the answer: the ``answer`` span's last position, else the last token."""
+        return torch.tensor(
+            [p.spans["answer"][-1] if "answer" in p.spans else len(p.kinds) - 1 - p.kinds[::-1].index("text") for p in self.positions]
+        )
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
+
+    def take(self, index: Sequence[int] | torch.Tensor) -> "Batch":
+        """Rows ``index`` (repeats allowed): how patched runs are batched."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Batch(
+            self.input_ids[idx], self.attention_mask[idx], self.pixel_values[idx], [self.positions[int(i)] for i in idx]
+        )
+
+    def to(self, device: str | torch.device) -> "Batch":
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            pixel_values=self.pixel_values.to(device),
+        )
+
+
+class LlavaAdapter:
+    """LLaVA-architecture models (transformers ``LlavaForConditionalGeneration``)."""
+
+    name = "llava"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, preprocess: Mapping, model_id: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = dict(preprocess)
+        self.model_id = model_id
+        cfg = model.config
+        self.vision_config, self.text_config = cfg.vision_config, cfg.text_config
+        if cfg.vision_feature_select_strategy != "default":
+            raise InterpError(f"unsupported vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        self.grid = (side, side)
+        self.n_patches = side * side
+        self.image_token_id = cfg.image_token_id
+        self.n_vision_layers = self.vision_config.num_hidden_layers
+        self.n_lm_layers = self.text_config.num_hidden_layers
+        self.hooks = self._site_map()
+        self.sites = list(self.hooks)
+        self._hook_order = {h: i for i, h in enumerate(dict.fromkeys(self.hooks.values()))}
+        self.nn = NNsight(self.model)
+        self.weight_hash = weight_hash(self.model)
+
+    # --- sites -------------------------------------------------------------------------
+    def _site_map(self) -> dict[str, Hook]:
+        hooks: dict[str, Hook] = {"vision.embed": Hook("model.vision_tower.embeddings")}
+        for tower, root, n in (
+            ("vision", "model.vision_tower.encoder.layers", self.n_vision_layers),
+            ("lm", "model.language_model.layers", self.n_lm_layers),
+        ):
+            if tower == "lm":
+                hooks["projector.out"] = Hook("model.multi_modal_projector")
+                hooks["lm.embed"] = Hook(f"{root}.0", "input")
+            for l in range(n):
+                layer = f"{root}.{l}"
+                hooks[f"{tower}.blocks.{l}.resid_pre"] = Hook(layer, "input")
+                hooks[f"{tower}.blocks.{l}.attn.pattern"] = Hook(f"{layer}.self_attn", "output", 1)
+                hooks[f"{tower}.blocks.{l}.attn.out"] = Hook(f"{layer}.self_attn", "output", 0)
+                hooks[f"{tower}.blocks.{l}.mlp.out"] = Hook(f"{layer}.mlp")
+                hooks[f"{tower}.blocks.{l}.resid_post"] = Hook(layer)
+        hooks["lm.logits"] = Hook("lm_head")
+        return hooks
+
+    def expand_sites(self, patterns: str | Iterable[str]) -> list[str]:
+        """Names and globs -> valid sites in execution order (InterpError on unknown ones)."""
+        return S.expand(patterns, self.sites)
+
+    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
+        """Shape of one sample's value at ``site`` for an LM sequence of ``seq_len``."""
+        s = S.parse(self.expand_sites([site])[0])
+        if s.tower == "vision":
+            n, d, heads = 1 + self.n_patches, self.vision_config.hidden_size, self.vision_config.num_attention_heads
+        elif s.tower == "projector":
+            return (self.n_patches, self.text_config.hidden_size)
+        else:
+            n, d, heads = seq_len, self.text_config.hidden_size, self.text_config.num_attention_heads
+        if s.point == "logits":
+            return (n, self.text_config.vocab_size)
+        return (heads, n, n) if s.point == "attn.pattern" else (n, d)
+
+    def vision_positions(self) -> Positions:
+        """Positions of vision-tower sites: the CLS token, then patches in row-major order."""
+        rows, cols = np.divmod(np.arange(self.n_patches), self.grid[1])
+        return Positions(
+            ["special"] + ["image"] * self.n_patches, [-1, *rows.tolist()], [-1, *cols.tolist()],
+            ["<cls>"] + ["<patch>"] * self.n_patches, {"image": list(range(1, 1 + self.n_patches))},
+        )
+
+    # --- inputs ------------------------------------------------------------------------
+    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Grey images [H, W] in [0, 1] -> normalised ``pixel_values`` [b, c, size, size]."""
+        size, c = self.vision_config.image_size, self.vision_config.num_channels
+        out = []
+        for img in images:
+            a = np.asarray(img, dtype=np.float32)
+            if a.ndim != 2:
+                raise InterpError(f"wrong image shape {a.shape}: expected a 2-D grey image [H, W]")
+            t = torch.from_numpy(a)[None, None]
+            if a.shape != (size, size):
+                t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(t[0].expand(c, -1, -1))
+        x = torch.stack(out)
+        mean = torch.tensor(self.preprocess.get("image_mean", [0.5] * c), dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess.get("image_std", [0.5] * c), dtype=x.dtype).view(1, -1, 1, 1)
+        return ((x - mean) / std).to(self.model.dtype)
+
+    def encode(
+        self,
+        images: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        spans: Sequence[Mapping[str, tuple[int, int]]] | None = None,
+    ) -> Batch:
+        """Sequence = BOS, one token per image patch, the prompt's tokens; right-padded.
+
+        ``spans`` are character spans into each prompt; they become named position lists,
+        with ``image`` added for the patch tokens.
+        """
+        if len(images) != len(prompts) or not prompts:
+            raise InterpError(f"need one image per prompt and at least one: got {len(images)} images, {len(prompts)} prompts")
+        spans = spans or [{} for _ in prompts]
+        tok = self.tokenizer
+        enc = tok(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
+        head = [tok.bos_token_id] + [self.image_token_id] * self.n_patches
+        rows, cols = np.divmod(np.arange(self.n_patches), self.grid[1])
+        seqs, positions = [], []
+        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+            n0 = len(head)
+            named = {"image": list(range(1, n0))}
+            for name, (a, b) in sp.items():
+                named[name] = [n0 + i for i, (s, e) in enumerate(offsets) if s < b and e > a]
+            seqs.append(head + list(ids))
+            positions.append(
+                Positions(
+                    ["special"] + ["image"] * self.n_patches + ["text"] * len(ids),
+                    [-1, *rows.tolist()] + [-1] * len(ids),
+                    [-1, *cols.tolist()] + [-1] * len(ids),
+                    tok.convert_ids_to_tokens(seqs[-1]),
+                    named,
+                )
+            )
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            pad = width - len(s)
+            p = positions[i]
+            p.kinds += ["pad"] * pad
+            p.rows += [-1] * pad
+            p.cols += [-1] * pad
+            p.tokens += [tok.pad_token] * pad
+        return Batch(input_ids, mask, self.pixels(images), positions)
+
+    # --- execution ---------------------------------------------------------------------
+    def run(
+        self,
+        batch: Batch,
+        read: Iterable[str] = (),
+        edit: Mapping[str, Edit] | None = None,
+        *,
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass; returns (logits [b, s, vocab], {site: value}).
+
+        ``edit[site]`` maps the site's value to its replacement (in place or new); reads see the
+        edited value. Hook points are visited in execution order, as nnsight requires.
+        """
+        read, edit = list(read), dict(edit or {})
+        for name in [*read, *edit]:
+            if name not in self.hooks:
+                self.expand_sites([name])  # raises the one-line error naming the site
+        by_hook: dict[Hook, list[str]] = {}
+        for name in dict.fromkeys([*edit, *read]):
+            by_hook.setdefault(self.hooks[name], []).append(name)
+        plan = sorted(by_hook.items(), key=lambda kv: self._hook_order[kv[0]])
+        cache: dict[str, torch.Tensor] = {}
+        with torch.set_grad_enabled(grad), self.nn.trace(**batch.model_inputs()):
+            for hook, names in plan:
+                envoy = self.nn.get(hook.module)
+                value = envoy.output if hook.io == "output" else envoy.input
+                for name in names:
+                    part = value if hook.index is None else value[hook.index]
+                    if name in edit:
+                        new = edit[name](part)
+                        if new is not part:
+                            value = new if hook.index is None else (*value[: hook.index], new, *value[hook.index + 1 :])
+                            if hook.io == "output":
+                                envoy.output = value
+                            else:
+                                envoy.input = value
+                            part = new
+                    if name in read:
+                        cache[name] = part
+            logits = self.nn.output.logits.save()
+        return logits, cache
+
+
+def weight_hash(model: torch.nn.Module) -> str:
+    """sha256 over parameter names and bytes: identifies weights independent of file layout."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
