@@ -64,7 +64,8 @@ def expand(patterns: str | Iterable[str], valid: Sequence[str]) -> list[str]:
             m = _BLOCK.match(pat)
             if m and any(v.startswith(f"{m['tower']}.blocks.") for v in valid):
                 n = 1 + max(parse(v).layer or 0 for v in valid if v.startswith(f"{m['tower']}.blocks."))
-                raise InterpError(f"layer out of range in site {pat!r}: {m['tower']} has layers 0..{n - 1}")
+                if int(m["layer"]) >= n:  # a valid layer with an unknown point is an unknown site
+                    raise InterpError(f"layer out of range in site {pat!r}: {m['tower']} has layers 0..{n - 1}")
             raise InterpError(f"unknown site {pat!r}; valid sites: {', '.join(_summarise(valid))}")
         chosen.update(hits)
     if not chosen:

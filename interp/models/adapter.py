@@ -55,6 +55,7 @@ class Batch:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
     positions: list[Positions]
+    inputs_embeds: torch.Tensor | None = None  # merged LM input embeddings: run the LM alone
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -67,13 +68,19 @@ class Batch:
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
+        if self.inputs_embeds is not None:
+            return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
 
     def take(self, index: Sequence[int] | torch.Tensor) -> "Batch":
         """Rows ``index`` (repeats allowed): how patched runs are batched."""
         idx = torch.as_tensor(index, dtype=torch.long)
         return Batch(
-            self.input_ids[idx], self.attention_mask[idx], self.pixel_values[idx], [self.positions[int(i)] for i in idx]
+            self.input_ids[idx],
+            self.attention_mask[idx],
+            self.pixel_values[idx],
+            [self.positions[int(i)] for i in idx],
+            None if self.inputs_embeds is None else self.inputs_embeds[idx],
         )
 
     def to(self, device: str | torch.device) -> "Batch":
@@ -82,6 +89,7 @@ class Batch:
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             pixel_values=self.pixel_values.to(device),
+            inputs_embeds=None if self.inputs_embeds is None else self.inputs_embeds.to(device),
         )
 
 
@@ -110,6 +118,26 @@ class LlavaAdapter:
         self._hook_order = {h: i for i, h in enumerate(dict.fromkeys(self.hooks.values()))}
         self.nn = NNsight(self.model)
         self.weight_hash = weight_hash(self.model)
+        self.validate()
+
+    def validate(self) -> None:
+        """nnterp-style load check on a dummy input: every site has the shape ``site_shape`` gives and
+        each block's resid_pre is the previous block's resid_post; InterpError names the first broken site."""
+        p = next(self.model.parameters())
+        c, size, bos = self.vision_config.num_channels, self.vision_config.image_size, self.tokenizer.bos_token_id
+        ids = torch.tensor([[bos] + [self.image_token_id] * self.n_patches + [bos]], device=p.device)
+        pixels = torch.randn((1, c, size, size), generator=torch.Generator().manual_seed(0)).to(p)
+        try:
+            _, cache = self.run(Batch(ids, torch.ones_like(ids), pixels, []), read=self.sites)
+        except Exception as e:  # nnsight errors (e.g. out-of-order hooks) from a wrong site map
+            raise InterpError(f"site map of {self.model_id} does not run: {(str(e) or type(e).__name__).splitlines()[0]}") from e
+        for site in self.sites:
+            got, want = tuple(cache[site].shape), (1, *self.site_shape(site, ids.shape[1]))
+            if got != want:
+                raise InterpError(f"site {site!r} of {self.model_id} has shape {got}, expected {want}: wrong hook module?")
+            s = S.parse(site)
+            if s.point == "resid_pre" and s.layer and not torch.equal(cache[site], cache[f"{s.tower}.blocks.{s.layer - 1}.resid_post"]):
+                raise InterpError(f"site {site!r} of {self.model_id} is not block {s.layer - 1}'s resid_post: wrong hook module?")
 
     # --- sites -------------------------------------------------------------------------
     def _site_map(self) -> dict[str, Hook]:
@@ -229,25 +257,41 @@ class LlavaAdapter:
         read: Iterable[str] = (),
         edit: Mapping[str, Edit] | None = None,
         *,
+        skip: Mapping[str, torch.Tensor] | None = None,
         grad: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One forward pass; returns (logits [b, s, vocab], {site: value}).
 
         ``edit[site]`` maps the site's value to its replacement (in place or new); reads see the
-        edited value. Hook points are visited in execution order, as nnsight requires.
+        edited value. ``skip[<tower>.blocks.<l>.resid_post] = value`` does not run that block and
+        uses ``value`` as its output (how sweeps avoid recomputing layers before a patch).
+        Hook points are visited in execution order, as nnsight requires.
         """
-        read, edit = list(read), dict(edit or {})
-        for name in [*read, *edit]:
+        read, edit, skip = list(read), dict(edit or {}), dict(skip or {})
+        for name in [*read, *edit, *skip]:
             if name not in self.hooks:
                 self.expand_sites([name])  # raises the one-line error naming the site
+        for name in skip:
+            if S.parse(name).point != "resid_post":
+                raise InterpError(f"only block outputs (resid_post) can be skipped, not {name!r}")
+        for name in edit:  # the weights are returned after attention used them: an edit would be a silent no-op
+            if S.parse(name).point == "attn.pattern":
+                raise InterpError(f"cannot edit {name!r}: attention weights are read-only (edit attn.out or resid sites)")
+        if batch.inputs_embeds is not None and any(S.parse(n).tower in ("vision", "projector") for n in [*read, *edit, *skip]):
+            raise InterpError("vision and projector sites do not run when the batch carries inputs_embeds")
         by_hook: dict[Hook, list[str]] = {}
         for name in dict.fromkeys([*edit, *read]):
             by_hook.setdefault(self.hooks[name], []).append(name)
+        for name in skip:
+            by_hook.setdefault(self.hooks[name], [])
         plan = sorted(by_hook.items(), key=lambda kv: self._hook_order[kv[0]])
+        skipped = {self.hooks[n]: v for n, v in skip.items()}
         cache: dict[str, torch.Tensor] = {}
         with torch.set_grad_enabled(grad), self.nn.trace(**batch.model_inputs()):
             for hook, names in plan:
                 envoy = self.nn.get(hook.module)
+                if hook in skipped:
+                    envoy.skip(skipped[hook])
                 value = envoy.output if hook.io == "output" else envoy.input
                 for name in names:
                     part = value if hook.index is None else value[hook.index]

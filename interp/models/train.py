@@ -1,0 +1,453 @@
+"""Train the embedded LVLM organism on phantom VQA: ``python -m interp.models.train``.
+
+Recipe (why each part is there: see ``--help`` and the README):
+
+1. A fixed pool of training phantoms is rendered once into numpy (images + per-patch labels).
+2. Ground truth is exploited through an AUXILIARY per-patch loss on the projector output: a
+   throwaway linear head (never saved) predicts, for each 8x8 patch, which findings (with side
+   and zone) overlap it. Stage 1 trains vision tower + projector on it alone (cheap: no LM);
+   it stays on during stage 2, so the LM reads localised, near-perfect finding features.
+3. Stage 2 trains everything on answers: cross-entropy on the answer token (direct mode) and
+   on every target token (step-by-step mode, teacher forcing), plus the auxiliary loss.
+   Each image's prefix ``<bos> + 64 image tokens`` is run through the LM once and its
+   key/value cache is shared by several prompts about that image (exactly the same function
+   as the full forward, several times cheaper on CPU).
+
+Deterministic given ``--seed`` and ``--steps`` (``--minutes`` stops on the clock instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from interp.data.phantom import FINDINGS, SIDES, ZONES
+from interp.data.vqa import ALL_KINDS, MODES, VQADataset, build_vqa, split_target
+from interp.errors import InterpError
+from interp.models.organism import IMAGE_SIZE, LVLM_DIR, PATCH_SIZE, PREPROCESSOR, build_organism, save_organism
+
+GRID = IMAGE_SIZE // PATCH_SIZE
+N_PATCHES = GRID * GRID
+
+
+def _aux_classes() -> list[tuple[str, str | None, str | None]]:
+    out: list[tuple[str, str | None, str | None]] = []
+    for name in FINDINGS:
+        if name == "cardiomegaly":
+            out.append((name, None, None))
+        elif name in ("consolidation", "nodule"):
+            out += [(name, s, z) for s in SIDES for z in ZONES]
+        else:
+            out += [(name, s, None) for s in SIDES]
+    return out
+
+
+#: per-patch multi-label classes of the auxiliary head: finding x side (x zone where it varies)
+AUX_CLASSES = _aux_classes()
+AUX_INDEX = {c: i for i, c in enumerate(AUX_CLASSES)}
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 700  # stage-2 steps
+    minutes: float | None = None  # stop stage 2 on the clock instead (not deterministic)
+    n_train_images: int = 1500
+    # stage 1: vision tower + projector + aux head only
+    aux_steps: int = 200
+    aux_batch: int = 64
+    aux_lr: float = 3e-3
+    # stage 2: everything
+    images_per_step: int = 16
+    prompts_per_image: int = 8
+    lr: float = 2e-3
+    lr_vision: float = 1e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    aux_weight: float = 1.0
+    cot_fraction: float = 0.5
+    kind_weights: dict = field(default_factory=lambda: {
+        "presence": 2.0, "negated": 2.0, "positive": 1.0, "affirmative": 1.0, "laterality": 1.0, "zone": 1.0})
+    # model sizes (organism_config)
+    d_vision: int = 64
+    n_vision: int = 2
+    d_lm: int = 64
+    n_lm: int = 3
+    threads: int = 2
+
+    def sizes(self) -> dict[str, int]:
+        return {"d_vision": self.d_vision, "n_vision": self.n_vision, "d_lm": self.d_lm, "n_lm": self.n_lm}
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def patch_labels(finding_masks: dict[str, np.ndarray], spec) -> np.ndarray:
+    """[64 patches, len(AUX_CLASSES)] soft targets: fraction of a patch a finding covers, x8, clipped to 1."""
+    y = np.zeros((N_PATCHES, len(AUX_CLASSES)), np.float32)
+    for f in spec.findings:
+        m = finding_masks.get(f.name)
+        if m is None:
+            continue
+        key = (f.name, f.side, f.zone if f.name in ("consolidation", "nodule") else None)
+        cov = m.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).sum((1, 3)).reshape(-1) / (PATCH_SIZE * PATCH_SIZE)
+        y[:, AUX_INDEX[key]] = np.maximum(y[:, AUX_INDEX[key]], np.minimum(cov * 8.0, 1.0))
+    return y
+
+
+@dataclass
+class Pool:
+    """Rendered images (normalised pixels), per-patch labels and tokenised items, grouped by image."""
+
+    pixels: torch.Tensor  # [n, 1, 64, 64]
+    labels: torch.Tensor  # [n, 64, C]
+    items: list[list[tuple[list[int], list[int], str, str]]]  # per image: (prompt ids, target ids, kind, mode)
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(images, np.float32))[:, None]
+    return (x - PREPROCESSOR["image_mean"][0]) / PREPROCESSOR["image_std"][0]
+
+
+def render_pool(ds: VQADataset, tok, progress: bool = False) -> Pool:
+    from tqdm import tqdm
+
+    n = len(ds.specs)
+    imgs = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    labels = np.zeros((n, N_PATCHES, len(AUX_CLASSES)), np.float32)
+    for i in tqdm(range(n), desc="render", disable=not progress, leave=False):
+        ph = ds.phantom(i)
+        imgs[i] = ph.image
+        labels[i] = patch_labels(ph.finding_masks, ds.specs[i])
+    items: list[list] = [[] for _ in range(n)]
+    vocab = tok.get_vocab()
+    for it in ds.items:
+        items[it.image].append(([vocab[w] for w in it.prompt.split()], [vocab[w] for w in it.target.split()], it.kind, it.mode))
+    return Pool(normalise(imgs), torch.from_numpy(labels), items)
+
+
+# ---------------------------------------------------------------------------- model pieces
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projector output [b, 64, d_lm] (same path as LlavaModel.get_image_features, CLS dropped)."""
+    vo = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return model.model.multi_modal_projector(vo.hidden_states[model.config.vision_feature_layer][:, 1:])
+
+
+def prefix_cache(model, feats: torch.Tensor, repeat: int) -> DynamicCache:
+    """Run ``<bos> + image tokens`` through the LM once; key/value cache repeated ``repeat`` times per image."""
+    lm = model.model.language_model
+    bos = lm.embed_tokens(torch.full((feats.shape[0], 1), model.config.text_config.bos_token_id))
+    out = lm(inputs_embeds=torch.cat([bos, feats], 1), use_cache=True)
+    kv = [(layer.keys.repeat_interleave(repeat, 0), layer.values.repeat_interleave(repeat, 0))
+          for layer in out.past_key_values.layers]
+    return DynamicCache(kv)
+
+
+def text_logits(model, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of text tokens ``ids`` [B, T] (right-padded, ``mask``) after the cached prefix."""
+    lm = model.model.language_model
+    B, T = ids.shape
+    n0 = 1 + N_PATCHES
+    am = torch.cat([torch.ones(B, n0, dtype=torch.long), mask], 1)
+    pos = torch.arange(n0, n0 + T)[None].expand(B, -1)
+    out = lm(inputs_embeds=lm.embed_tokens(ids), attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True)
+    return model.lm_head(out.last_hidden_state)
+
+
+def pack(seqs: list[tuple[list[int], list[int], str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, labels) for teacher forcing: direct -> loss on the answer only, cot -> every target token."""
+    rows, labs = [], []
+    for p, t, _, mode in seqs:
+        full = p + t[:-1]  # the last target token is predicted, never fed
+        rows.append(full)
+        lab = [-100] * (len(p) - 1) + t
+        labs.append(lab)
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labs)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, : len(l)] = torch.tensor(l)
+    return ids, mask, labels
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tok = build_organism(cfg.seed, **cfg.sizes())
+        self.model.train()
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        head = torch.nn.Linear(cfg.d_lm, len(AUX_CLASSES))
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * cfg.d_lm**-0.5)
+            head.bias.fill_(-3.0)
+        self.aux_head = head
+        self.rng = np.random.default_rng([cfg.seed, 7])
+        self.history: list[dict] = []
+
+    # --- data
+    def load_data(self) -> None:
+        ds = build_vqa(self.cfg.n_train_images, self.cfg.seed, "train")
+        self.pool = render_pool(ds, self.tok, self.progress)
+
+    # --- losses
+    def aux_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.aux_head(feats)
+        return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(4.0))
+
+    def sample_prompts(self, image: int, k: int) -> list:
+        items = self.pool.items[image]
+        w = np.array([self.cfg.kind_weights.get(kind, 1.0) * (self.cfg.cot_fraction if mode == "cot" else 1 - self.cfg.cot_fraction)
+                      for _, _, kind, mode in items])
+        # weight each kind equally regardless of how many items of it the image has
+        counts: dict[tuple[str, str], int] = {}
+        for _, _, kind, mode in items:
+            counts[kind, mode] = counts.get((kind, mode), 0) + 1
+        w = w / np.array([counts[kind, mode] for _, _, kind, mode in items])
+        idx = self.rng.choice(len(items), size=k, replace=len(items) < k, p=w / w.sum())
+        return [items[i] for i in idx]
+
+    def answer_step(self, images: np.ndarray) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        feats = image_features(model, self.pool.pixels[images])
+        aux = self.aux_loss(feats, self.pool.labels[images])
+        cache = prefix_cache(model, feats, cfg.prompts_per_image)
+        seqs = [s for i in images for s in self.sample_prompts(int(i), cfg.prompts_per_image)]
+        ids, mask, labels = pack(seqs)
+        logits = text_logits(model, cache, ids, mask)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        # answer-token accuracy (the last target token of every row)
+        last = (labels != -100).cumsum(1).argmax(1)
+        rows = torch.arange(len(seqs))
+        acc = (logits[rows, last].argmax(-1) == labels[rows, last]).float().mean()
+        loss = ce + cfg.aux_weight * aux
+        return {"loss": loss, "ce": ce.item(), "aux": aux.item(), "acc": acc.item()}
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, model = self.cfg, self.model
+        t0 = time.time()
+        self.load_data()
+        t_data = time.time() - t0
+        n = len(self.pool.pixels)
+        vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+        # stage 1: vision + projector + aux head
+        if cfg.aux_steps:
+            opt = torch.optim.AdamW(vision + list(self.aux_head.parameters()), lr=cfg.aux_lr, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.aux_steps, 20))
+            bar = tqdm(range(cfg.aux_steps), desc="stage 1 (vision+aux)", disable=not self.progress)
+            for step in bar:
+                idx = torch.from_numpy(self.rng.choice(n, cfg.aux_batch, replace=False))
+                loss = self.aux_loss(image_features(model, self.pool.pixels[idx]), self.pool.labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if step % 10 == 0:
+                    bar.set_postfix(aux=f"{loss.item():.4f}")
+                    self.history.append({"stage": 1, "step": step, "aux": loss.item()})
+        # stage 2: everything
+        vid = {id(p) for p in vision}
+        rest = [p for p in model.parameters() if id(p) not in vid]
+        opt = torch.optim.AdamW(
+            [{"params": vision, "lr": cfg.lr_vision}, {"params": rest, "lr": cfg.lr},
+             {"params": list(self.aux_head.parameters()), "lr": cfg.lr_vision}],
+            weight_decay=cfg.weight_decay,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.steps, cfg.warmup))
+        t2 = time.time()
+        bar = tqdm(range(cfg.steps), desc="stage 2 (answers)", disable=not self.progress)
+        ema = None
+        steps_done = 0
+        for step in bar:
+            if cfg.minutes is not None and time.time() - t0 > cfg.minutes * 60:
+                break
+            images = self.rng.choice(n, cfg.images_per_step, replace=False)
+            out = self.answer_step(images)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            steps_done += 1
+            ema = {k: out[k] if ema is None else 0.9 * ema[k] + 0.1 * out[k] for k in ("ce", "aux", "acc")}
+            if step % 5 == 0:
+                bar.set_postfix(ce=f"{ema['ce']:.3f}", aux=f"{ema['aux']:.4f}", acc=f"{ema['acc']:.3f}")
+                self.history.append({"stage": 2, "step": step, **{k: round(v, 5) for k, v in ema.items()}})
+        model.eval()
+        return {"train_seconds": round(time.time() - t0, 1), "data_seconds": round(t_data, 1),
+                "stage2_seconds": round(time.time() - t2, 1), "steps": steps_done}
+
+
+def _cosine(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def greedy(model, tok, pixel_values: torch.Tensor, prompts: list[list[int]], max_new: int = 40) -> list[str]:
+    """Greedy decoding of equal-length prompts through the real HF forward (input_ids + pixel_values)."""
+    ids = torch.tensor([[tok.bos_token_id] + [model.config.image_token_id] * N_PATCHES + p for p in prompts])
+    out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True)
+    cache = out.past_key_values
+    nxt = out.logits[:, -1].argmax(-1)
+    gen = [nxt]
+    vocab = tok.get_vocab()
+    ans, colon = vocab.get("answer"), vocab.get(":")
+    for _ in range(max_new - 1):
+        g = torch.stack(gen, 1)
+        done = ((g[:, :-2] == ans) & (g[:, 1:-1] == colon)).any(1) if g.shape[1] > 2 else torch.zeros(len(g), dtype=torch.bool)
+        if done.all():
+            break
+        out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+        gen.append(nxt)
+    g = torch.stack(gen, 1).tolist()
+    return [tok.decode(row, skip_special_tokens=False) for row in g]
+
+
+@torch.no_grad()
+def evaluate(model, tok, n_images: int = 100, seed: int = 1, split: str = "test", kinds=ALL_KINDS,
+             modes=MODES, batch: int = 128, cot_images: int | None = None, progress: bool = False) -> dict:
+    """Accuracy per (kind, mode) on a fresh split; cot answers by greedy decoding. Ground truth = the spec."""
+    from tqdm import tqdm
+
+    model.eval()
+    ds = build_vqa(n_images, seed, split, kinds=kinds, modes=modes)
+    pix = normalise(np.stack([ds.image(i) for i in range(n_images)]))
+    vocab = tok.get_vocab()
+    groups: dict[tuple[str, int], list] = {}
+    for it in ds.items:
+        if it.mode == "cot" and cot_images is not None and it.image >= cot_images:
+            continue
+        ids = [vocab[w] for w in it.prompt.split()]
+        groups.setdefault((it.mode, len(ids)), []).append((it, ids))
+    correct: dict[str, list[int]] = {}
+    chunks = [(mode, g[i:i + batch]) for (mode, _), g in groups.items() for i in range(0, len(g), batch)]
+    for mode, chunk in tqdm(chunks, desc="eval", disable=not progress, leave=False):
+        px = pix[[it.image for it, _ in chunk]]
+        prompts = [ids for _, ids in chunk]
+        if mode == "direct":
+            ids = torch.tensor([[tok.bos_token_id] + [model.config.image_token_id] * N_PATCHES + p for p in prompts])
+            pred = model(input_ids=ids, pixel_values=px).logits[:, -1].argmax(-1).tolist()
+            words = [tok.convert_ids_to_tokens(p) for p in pred]
+        else:
+            words = []
+            for text in greedy(model, tok, px, prompts):
+                try:
+                    words.append(split_target(text) if "answer :" in text else "")
+                except InterpError:
+                    words.append("")
+        for (it, _), w in zip(chunk, words):
+            correct.setdefault(f"{it.kind}/{it.mode}", []).append(int(w == it.answer))
+    return {k: {"acc": round(float(np.mean(v)), 4), "n": len(v)} for k, v in sorted(correct.items())}
+
+
+def format_table(metrics: dict) -> str:
+    kinds = [k for k in ALL_KINDS if any(m.startswith(k + "/") for m in metrics)]
+    modes = [m for m in MODES if any(k.endswith("/" + m) for k in metrics)]
+    lines = [f"{'kind':<12}" + "".join(f"{m:>18}" for m in modes)]
+    for k in kinds:
+        cells = []
+        for m in modes:
+            r = metrics.get(f"{k}/{m}")
+            cells.append(f"{r['acc']:>10.3f} (n={r['n']:>4})" if r else f"{'-':>18}")
+        lines.append(f"{k:<12}" + "".join(cells))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m interp.models.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=LVLM_DIR, help="checkpoint folder (default: the shipped organism)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=d.steps, help="stage-2 steps")
+    p.add_argument("--minutes", type=float, default=None, help="stop on wall clock (overrides determinism)")
+    p.add_argument("--aux-steps", type=int, default=d.aux_steps, help="stage-1 (vision + aux head) steps")
+    p.add_argument("--n-train-images", type=int, default=d.n_train_images)
+    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint at --out and print the table")
+    p.add_argument("--eval-images", type=int, default=200, help="test-split images for evaluation")
+    p.add_argument("--eval-cot-images", type=int, default=100, help="of those, how many also get cot items")
+    p.add_argument("--eval-seed", type=int, default=12345)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        for name, v in (("--steps", a.steps), ("--n-train-images", a.n_train_images), ("--eval-images", a.eval_images)):
+            if v < 1:
+                raise InterpError(f"{name} must be >= 1, got {v}")
+        if a.aux_steps < 0 or (a.minutes is not None and a.minutes <= 0) or a.eval_cot_images < 0:
+            raise InterpError("--aux-steps and --eval-cot-images must be >= 0, --minutes > 0")
+        if a.eval_only:
+            from interp.models import load
+
+            adapter = load(a.out)
+            torch.set_num_threads(d.threads)
+            m = evaluate(adapter.model, adapter.tokenizer, a.eval_images, a.eval_seed,
+                         cot_images=min(a.eval_cot_images, a.eval_images), progress=not a.no_progress)
+            print(f"{a.out}: test split, seed {a.eval_seed}, {a.eval_images} images ({a.eval_cot_images} with cot items)")
+            print(format_table(m))
+            return 0
+        cfg = TrainConfig(seed=a.seed, steps=a.steps, minutes=a.minutes, aux_steps=a.aux_steps, n_train_images=a.n_train_images)
+        for kv in a.set:
+            key, _, val = kv.partition("=")
+            if not hasattr(cfg, key) or key == "kind_weights":
+                raise InterpError(f"unknown config field {key!r}; valid: {', '.join(k for k in asdict(cfg) if k != 'kind_weights')}")
+            cur = getattr(cfg, key)
+            try:
+                setattr(cfg, key, type(cur)(val) if cur is not None else float(val))
+            except ValueError:
+                raise InterpError(f"bad value for {key}: {val!r}") from None
+    except InterpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, progress=not a.no_progress)
+    info = trainer.train()
+    m = evaluate(trainer.model, trainer.tok, a.eval_images, a.eval_seed,
+                 cot_images=min(a.eval_cot_images, a.eval_images), progress=not a.no_progress)
+    save_organism(trainer.model, trainer.tok, a.out)
+    meta = {"metrics": m, **info, "config": asdict(cfg), "eval": {"split": "test", "seed": a.eval_seed,
+            "images": a.eval_images, "cot_images": a.eval_cot_images},
+            "command": "python -m interp.models.train " + " ".join(sys.argv[1:] if argv is None else argv),
+            "torch": torch.__version__, "threads": cfg.threads, "machine": platform.machine(), "history": trainer.history}
+    (Path(a.out) / "metrics.json").write_text(json.dumps(meta, indent=1))
+    print(f"trained in {info['train_seconds']} s ({info['steps']} stage-2 steps); saved to {a.out}")
+    print(format_table(m))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

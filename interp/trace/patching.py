@@ -1,0 +1,173 @@
+"""Causal tracing (ROME, Meng et al. 2022) and activation patching as one batched restore sweep.
+
+A *corrupted* run (the clean input plus Gaussian noise on an embedding span, or a paired input:
+negated statement, counterfactual image) is restored site by site with the clean run's states
+at (layer, position group); the metric of each restored run is recorded.
+
+Speed: many restored runs share one forward pass (rows of a batch); blocks before the first
+restored layer are not recomputed (nnsight ``skip`` with the corrupted run's outputs, which
+they would reproduce exactly); on the LM side the vision tower is not rerun (the corrupted
+LM input embeddings are fed directly); restorations that change nothing (clean and corrupted
+states already equal, e.g. tokens before a noised span) are not run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from interp.errors import InterpError
+from interp.models.adapter import Batch, LlavaAdapter
+
+Metric = Callable[[torch.Tensor], torch.Tensor]  # logits at the answer position [rows, vocab] -> [rows]
+POINTS = ("resid_post", "mlp.out", "attn.out")
+
+
+@dataclass(frozen=True)
+class Noise:
+    """ROME corruption: N(0, std^2) added at ``site`` (``lm.embed`` or ``vision.embed``) on ``positions``."""
+
+    site: str
+    positions: tuple[int, ...]
+    std: float
+    copies: int = 10
+    seed: int = 0
+
+    def sample(self, d: int, dtype: torch.dtype) -> torch.Tensor:
+        """[copies, len(positions), d], the same for every restored run (as in ROME)."""
+        g = torch.Generator().manual_seed(self.seed)
+        return (torch.randn(self.copies, len(self.positions), d, generator=g) * self.std).to(dtype)
+
+    def edit(self, copy_index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Edit adding copy ``copy_index[r]`` of the noise to row r."""
+        pos = torch.tensor(self.positions)
+
+        def add(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            x[:, pos] += self.sample(x.shape[-1], x.dtype)[copy_index]
+            return x
+
+        return add
+
+
+@dataclass
+class SweepResult:
+    restored: np.ndarray  # [layers, groups]: metric after restoring (layer, group), mean over noise copies
+    clean: float
+    corrupted: float
+
+    @property
+    def effect(self) -> np.ndarray:
+        """Normalised indirect effect: 0 = corrupted, 1 = clean."""
+        return (self.restored - self.corrupted) / (self.clean - self.corrupted)
+
+
+def metric_fn(kind: str, answer_id: int, alternative_ids: Sequence[int]) -> Metric:
+    """``prob`` / ``logprob`` of the answer token, or ``logit_diff`` = answer minus best alternative."""
+    alt = torch.tensor(list(alternative_ids))
+    if kind == "prob":
+        return lambda z: z.float().softmax(-1)[:, answer_id]
+    if kind == "logprob":
+        return lambda z: z.float().log_softmax(-1)[:, answer_id]
+    if kind == "logit_diff":
+        if not len(alt):
+            raise InterpError("metric logit_diff needs at least one alternative answer")
+        return lambda z: z[:, answer_id].float() - z[:, alt].float().max(-1).values
+    raise InterpError(f"unknown metric {kind!r}: choose prob, logprob or logit_diff")
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """ROME's window: ``window`` consecutive layers centred on ``layer``, clipped to the model."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+def restore_sweep(
+    adapter: LlavaAdapter,
+    clean: Batch,
+    corrupt: Batch,
+    metric: Metric,
+    *,
+    tower: str,
+    layers: Sequence[int],
+    groups: Sequence[Sequence[int]],
+    point: str = "resid_post",
+    window: int = 1,
+    noise: Noise | None = None,
+    batch_size: int = 512,
+) -> SweepResult:
+    """Restore clean states at every (layer, position group) of ``tower`` into the corrupted run.
+
+    ``clean`` and ``corrupt`` are one-row batches of equal length (for causal tracing they are
+    the same input and ``noise`` corrupts it). Positions index the tower's sequence: the LM
+    sequence for ``lm``, CLS + patches for ``vision``.
+    """
+    if len(clean) != 1 or len(corrupt) != 1:
+        raise InterpError("restore_sweep takes one clean and one corrupted sample")
+    if clean.input_ids.shape != corrupt.input_ids.shape:
+        raise InterpError(
+            f"paired inputs differ in length ({clean.input_ids.shape[1]} vs {corrupt.input_ids.shape[1]} tokens): "
+            "patching needs aligned positions"
+        )
+    if point not in POINTS:
+        raise InterpError(f"unknown point {point!r}: choose one of {', '.join(POINTS)}")
+    n = adapter.n_lm_layers if tower == "lm" else adapter.n_vision_layers
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise InterpError(f"layer out of range: {bad[0]} ({tower} has layers 0..{n - 1})")
+    post = [f"{tower}.blocks.{j}.resid_post" for j in range(n)]
+    pts = [f"{tower}.blocks.{j}.{point}" for j in range(n)]
+    answer = clean.answer_index[0]
+
+    def answer_metric(logits: torch.Tensor, rows: Batch) -> torch.Tensor:
+        return metric(logits[torch.arange(len(rows)), rows.answer_index])
+
+    logits, clean_vals = adapter.run(clean, read=pts)
+    clean_m = float(metric(logits[:, answer])[0])
+
+    copies = noise.copies if noise else 1
+    base = corrupt.take([0] * copies)
+    noise_edit = {noise.site: noise.edit(torch.arange(copies))} if noise else {}
+    reads = list(dict.fromkeys([*post, *pts, *(["lm.embed"] if tower == "lm" else [])]))
+    logits, corr = adapter.run(base, read=reads, edit=noise_edit)
+    corr_rows = answer_metric(logits, base)
+    corrupted_m = float(corr_rows.mean())
+    if tower == "lm":  # restored runs start from the corrupted LM input: no vision tower, no noise edit
+        base, noise = replace(base, inputs_embeds=corr["lm.embed"]), None
+
+    restored = np.full((len(layers), len(groups)), corrupted_m, dtype=np.float64)
+    for li, layer in enumerate(layers):
+        win = window_layers(layer, window, n)
+        todo = [
+            gi for gi, g in enumerate(groups)
+            if not all(torch.equal(clean_vals[pts[j]][0, list(g)].expand_as(corr[pts[j]][:, list(g)]), corr[pts[j]][:, list(g)]) for j in win)
+        ]
+        rows = [(gi, k) for gi in todo for k in range(copies)]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            copy_idx = torch.tensor([k for _, k in chunk])
+            row_idx = torch.tensor([r for r, (gi, _) in enumerate(chunk) for _ in groups[gi]])
+            pos_idx = torch.tensor([p for gi, _ in chunk for p in groups[gi]])
+            batch = base.take(copy_idx)
+            first = win[0]
+            skip = {post[j]: corr[post[j]][copy_idx] for j in range(first if point != "resid_post" else first + 1)}
+            if point == "resid_post":  # the first restored block is skipped too: its output is known
+                skip[post[first]][row_idx, pos_idx] = clean_vals[pts[first]][0, pos_idx]
+            edit = {} if noise is None else {noise.site: noise.edit(copy_idx)}
+            for j in win[1:] if point == "resid_post" else win:
+                edit[pts[j]] = _restore(row_idx, pos_idx, clean_vals[pts[j]][0, pos_idx])
+            logits, _ = adapter.run(batch, edit=edit, skip=skip)
+            vals = answer_metric(logits, batch).double().numpy()
+            for (gi, k), v in zip(chunk, vals):
+                restored[li, gi] += (v - corr_rows[k].item()) / copies
+    return SweepResult(restored, clean_m, corrupted_m)
+
+
+def _restore(rows: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def put(x: torch.Tensor) -> torch.Tensor:
+        x[rows, pos] = values
+        return x
+
+    return put

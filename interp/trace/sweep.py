@@ -1,0 +1,249 @@
+"""Layer sweeps over a data set: pick samples, build clean/corrupted pairs, run restore sweeps, store.
+
+Results are one ``xarray.Dataset`` per (tower, point), with dims (sample, layer, position), written
+to a Zarr store (one group each) that ``interp.report.write_sweep_report`` turns into HTML.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from itertools import groupby
+from typing import Iterator
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm import tqdm
+
+from interp import __version__
+from interp import sites as S
+from interp.data.phantom import render
+from interp.data.vqa import VQADataset, VQAItem
+from interp.errors import InterpError
+from interp.models.adapter import Batch, LlavaAdapter, Positions
+from interp.trace.patching import Noise, metric_fn, restore_sweep
+
+MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual")}
+
+
+@dataclass
+class SweepConfig:
+    """One run of ``python -m interp.trace --layer-sweep`` (defaults = the embedded organism)."""
+
+    model: str = "organism"
+    data: str = "phantom-test"
+    sites: str = "vision.blocks.*.resid_post,lm.blocks.*.resid_post"
+    mode: str = "trace"
+    corrupt: str = "image"
+    metric: str = "prob"
+    window: int = 1
+    lm_positions: str = "token"
+    vision_positions: str = "patch"
+    copies: int = 10
+    noise_scale: float = 3.0
+    batch_size: int = 512
+    limit: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "reports/layer-sweep"
+
+    def block(self, tower: str) -> int:
+        """Patches per side of one restored vision group (1 = per patch)."""
+        return 1 if tower == "lm" or self.vision_positions == "patch" else int(self.vision_positions[5:])
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise InterpError(f"unknown mode {self.mode!r}: choose trace or patch")
+        if self.corrupt not in MODES[self.mode]:
+            raise InterpError(f"--corrupt {self.corrupt!r} does not go with --mode {self.mode}: choose one of {', '.join(MODES[self.mode])}")
+        if self.lm_positions not in ("token", "span"):
+            raise InterpError(f"unknown --lm-positions {self.lm_positions!r}: choose token or span")
+        if self.vision_positions != "patch" and not (self.vision_positions.startswith("block") and self.vision_positions[5:].isdigit()):
+            raise InterpError(f"unknown --vision-positions {self.vision_positions!r}: choose patch or block<k> (e.g. block2)")
+        for name in ("limit", "window", "copies", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InterpError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Pair:
+    """A clean sample and what it is compared with (same prompt + noise, or a paired input)."""
+
+    item: VQAItem
+    clean_image: np.ndarray
+    corrupt_image: np.ndarray
+    corrupt_prompt: str
+    corrupt_spans: dict
+    mask: np.ndarray  # ground-truth finding mask of the clean image (empty if none)
+
+
+def select_pairs(data: VQADataset, cfg: SweepConfig) -> list[Pair]:
+    """Samples for the mode, round-robin over findings so a small ``limit`` still covers several."""
+    direct = [it for it in data.items if it.mode == "direct"]
+    if cfg.mode == "trace" and cfg.corrupt != "negation_cue" or cfg.corrupt == "counterfactual":
+        pool = [it for it in direct if it.kind == "presence" and it.answer == "yes"]
+    else:
+        pool = [it for it in direct if it.kind == "negated"]
+    positive = {(it.image, it.finding): it for it in direct if it.kind == "positive"}
+    by_finding = [list(g) for _, g in groupby(sorted(pool, key=lambda it: it.finding), key=lambda it: it.finding)]
+    ordered = [it for row in _interleave(by_finding) for it in row]
+    pairs = []
+    for it in ordered[: cfg.limit]:
+        ph = data.phantom(it.image)
+        mask = ph.finding_masks.get(it.finding, np.zeros_like(ph.image, dtype=bool))
+        if cfg.corrupt == "counterfactual":
+            other = render(data.specs[it.image].without(it.finding), data.image_seed(it.image), data.image_size).image
+            pairs.append(Pair(it, ph.image, other, it.prompt, it.spans, mask))
+        elif cfg.corrupt == "negation":
+            pos = positive[(it.image, it.finding)]
+            pairs.append(Pair(it, ph.image, ph.image, pos.prompt, pos.spans, mask))
+        else:
+            pairs.append(Pair(it, ph.image, ph.image, it.prompt, it.spans, mask))
+    if not pairs:
+        raise InterpError(f"empty data set: no items in {data.name} fit --mode {cfg.mode} --corrupt {cfg.corrupt}")
+    return pairs
+
+
+def _interleave(groups: list[list[VQAItem]]) -> Iterator[list[VQAItem]]:
+    for i in range(max(map(len, groups), default=0)):
+        yield [g[i] for g in groups if i < len(g)]
+
+
+def position_groups(adapter: LlavaAdapter, tower: str, positions: Positions, cfg: SweepConfig) -> tuple[list[list[int]], dict]:
+    """Position groups to restore together, and their labels (kind, row, col, token)."""
+    if tower == "vision":
+        k = cfg.block(tower)
+        rows, cols = adapter.grid
+        blocks = [(r0, c0) for r0 in range(0, rows, k) for c0 in range(0, cols, k)]
+        groups = [[0]] + [
+            [1 + r * cols + c for r in range(r0, min(r0 + k, rows)) for c in range(c0, min(c0 + k, cols))]
+            for r0, c0 in blocks
+        ]
+        name = "patch" if k == 1 else "block"
+        return groups, {
+            "kind": ["special"] + ["image"] * len(blocks),
+            "row": [-1] + [r0 // k for r0, _ in blocks],
+            "col": [-1] + [c0 // k for _, c0 in blocks],
+            "token": ["<cls>"] + [f"{name} {r0 // k},{c0 // k}" for r0, c0 in blocks],
+        }
+    n = positions.kinds.index("pad") if "pad" in positions.kinds else len(positions.kinds)
+    if cfg.lm_positions == "token":
+        groups = [[p] for p in range(n)]
+        return groups, {"kind": positions.kinds[:n], "row": positions.rows[:n], "col": positions.cols[:n], "token": positions.tokens[:n]}
+    named = {name: ps for name, ps in positions.spans.items() if ps}
+    covered = {p for ps in named.values() for p in ps}
+    rest = [p for p in range(n) if p not in covered]
+    groups = list(named.values()) + ([rest] if rest else [])
+    names = list(named) + (["other"] if rest else [])
+    return groups, {"kind": ["image" if nm == "image" else "text" for nm in names], "row": [-1] * len(names),
+                    "col": [-1] * len(names), "token": names}
+
+
+def mask_fraction(mask: np.ndarray, labels: dict, grid: tuple[int, int], k: int) -> list[float]:
+    """Share of each image position's pixels inside the ground-truth mask (0 for other positions)."""
+    h, w = mask.shape
+    ph, pw = h * k // grid[0], w * k // grid[1]
+    return [float(mask[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw].mean()) if kind == "image" and r >= 0 else 0.0
+            for kind, r, c in zip(labels["kind"], labels["row"], labels["col"])]
+
+
+def noised(adapter: LlavaAdapter, tower: str, batch: Batch, span: str) -> list[int]:
+    """Positions the noise corrupts: every patch embedding (vision), or a named LM span."""
+    return list(range(1, 1 + adapter.n_patches)) if tower == "vision" else batch.positions[0].span(span)
+
+
+def noise_std(adapter: LlavaAdapter, batches: list[tuple[Batch, list[int]]], site: str) -> float:
+    """ROME: the std of the clean values being corrupted (here over the swept samples)."""
+    vals = [adapter.run(b, read=[site])[1][site][0, pos] for b, pos in batches]
+    return float(torch.cat(vals).std())
+
+
+def run_sweep(adapter: LlavaAdapter, data: VQADataset, cfg: SweepConfig) -> dict[str, xr.Dataset]:
+    """Sweep every (tower, point) the sites name over the selected samples."""
+    cfg.validate()
+    towers: dict[tuple[str, str], list[int]] = {}
+    for site in adapter.expand_sites(cfg.sites):
+        s = S.parse(site)
+        if s.tower not in ("lm", "vision") or s.point not in ("resid_post", "mlp.out", "attn.out"):
+            raise InterpError(f"cannot sweep site {site!r}: sweeps restore block sites resid_post, mlp.out or attn.out")
+        towers.setdefault((s.tower, s.point), []).append(s.layer)
+    if cfg.mode == "trace" and cfg.corrupt != "image":
+        towers = {k: v for k, v in towers.items() if k[0] == "lm"}  # the vision tower never sees the text
+        if not towers:
+            raise InterpError(f"--corrupt {cfg.corrupt} corrupts text: sweep lm sites")
+    pairs = select_pairs(data, cfg)
+    tok = adapter.tokenizer
+    answers = {kind: sorted({it.answer for it in data.items if it.kind == kind}) for kind in {p.item.kind for p in pairs}}
+    encoded = [
+        (adapter.encode([p.clean_image], [p.item.prompt], [p.item.spans]).to(cfg.device),
+         adapter.encode([p.corrupt_image], [p.corrupt_prompt], [p.corrupt_spans]).to(cfg.device))
+        for p in pairs
+    ]
+    out: dict[str, xr.Dataset] = {}
+    for (tower, point), layers in towers.items():
+        noise_site = None
+        if cfg.mode == "trace":
+            noise_site = "vision.embed" if tower == "vision" else "lm.embed"
+            std = cfg.noise_scale * noise_std(adapter, [(c, noised(adapter, tower, c, cfg.corrupt)) for c, _ in encoded], noise_site)
+        rows = []
+        t0 = time.perf_counter()
+        for p, (clean, corrupt) in tqdm(list(zip(pairs, encoded)), desc=f"sweep {tower}.{point}", unit="sample"):
+            ids = tok.convert_tokens_to_ids([p.item.answer] + [a for a in answers[p.item.kind] if a != p.item.answer])
+            noise = Noise(noise_site, tuple(noised(adapter, tower, clean, cfg.corrupt)), std, cfg.copies, cfg.seed) if noise_site else None
+            groups, labels = position_groups(adapter, tower, clean.positions[0], cfg)
+            res = restore_sweep(adapter, clean, corrupt, metric_fn(cfg.metric, ids[0], ids[1:]), tower=tower,
+                                layers=layers, groups=groups, point=point, window=cfg.window, noise=noise,
+                                batch_size=cfg.batch_size)
+            rows.append((p, res, labels, mask_fraction(p.mask, labels, adapter.grid, cfg.block(tower))))
+        out[tower if point == "resid_post" else f"{tower}.{point}"] = _dataset(
+            rows, layers, tower, point, cfg, adapter, data, time.perf_counter() - t0, std if noise_site else 0.0)
+    return out
+
+
+def _dataset(
+    rows: list, layers: list[int], tower: str, point: str, cfg: SweepConfig, adapter: LlavaAdapter,
+    data: VQADataset, elapsed: float, std: float,
+) -> xr.Dataset:
+    """The sweep of one (tower, point) in the layout ``interp.report`` reads."""
+    n = max(len(r[2]["kind"]) for r in rows)
+
+    def padded(key, fill, dtype):
+        return np.array([list(r[2][key]) + [fill] * (n - len(r[2][key])) for r in rows], dtype=dtype)
+
+    restored = np.full((len(rows), len(layers), n), np.nan, np.float32)
+    for i, (_, res, labels, _) in enumerate(rows):
+        restored[i, :, : res.restored.shape[1]] = res.restored
+    clean = np.array([r[1].clean for r in rows], np.float32)
+    corrupted = np.array([r[1].corrupted for r in rows], np.float32)
+    k = cfg.block(tower)
+    return xr.Dataset(
+        {
+            "restored": (("sample", "layer", "position"), restored),
+            "effect": (("sample", "layer", "position"),
+                       ((restored - corrupted[:, None, None]) / (clean - corrupted)[:, None, None]).astype(np.float32)),
+            "clean": ("sample", clean),
+            "corrupted": ("sample", corrupted),
+            "kind": (("sample", "position"), padded("kind", "pad", str)),
+            "row": (("sample", "position"), padded("row", -1, np.int16)),
+            "col": (("sample", "position"), padded("col", -1, np.int16)),
+            "token": (("sample", "position"), padded("token", "", str)),
+            "mask_fraction": (("sample", "position"), np.array([r[3] + [0.0] * (n - len(r[3])) for r in rows], np.float32)),
+            "image": (("sample", "y", "x"), np.stack([r[0].clean_image for r in rows]).astype(np.float32)),
+            "question": ("sample", [r[0].item.prompt for r in rows]),
+            "answer": ("sample", [r[0].item.answer for r in rows]),
+            "finding": ("sample", [r[0].item.finding for r in rows]),
+        },
+        coords={"sample": [r[0].item.id for r in rows], "layer": list(layers), "position": np.arange(n)},
+        attrs={
+            "tower": tower, "mode": cfg.mode,
+            "corrupt": cfg.corrupt if cfg.mode == "trace" else f"pair:{cfg.corrupt}",
+            "metric": cfg.metric, "point": point, "window": cfg.window,
+            "granularity": cfg.lm_positions if tower == "lm" else cfg.vision_positions,
+            "grid_rows": adapter.grid[0] // k, "grid_cols": adapter.grid[1] // k,
+            "model_id": adapter.model_id, "weight_hash": adapter.weight_hash,
+            "dataset": data.name, "dataset_hash": data.hash, "noise_std": std,
+            "copies": cfg.copies if cfg.mode == "trace" else 0, "seed": cfg.seed, "elapsed_s": round(elapsed, 2),
+            "code_version": __version__, "config": str(asdict(cfg)),
+        },
+    )

@@ -1,0 +1,62 @@
+"""Shared fixtures: a seeded random-init tiny LLaVA organism, in memory and saved as a checkpoint.
+
+The tokenizer uses a fixed word list (not ``interp.data.vqa.vocabulary()``) so model fixtures do
+not depend on the data layer's vocabulary changing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+TINY_WORDS = (
+    "is there a pleural effusion pneumothorax nodule on the left right lung ? yes no answer : "
+    "the costophrenic angles are sharp . not present"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    """(model, tokenizer): random-init organism-architecture LLaVA, seed 0, eager attention."""
+    from transformers import LlavaForConditionalGeneration
+
+    from interp.models.organism import organism_config
+    from interp.models.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(TINY_WORDS)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(organism_config(len(tok)))
+    model.set_attn_implementation("eager")
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_parts):
+    """The in-memory organism wrapped in a ``LlavaAdapter`` (same preprocessing a load() gives)."""
+    from interp.models.adapter import LlavaAdapter
+    from interp.models.organism import PREPROCESSOR
+
+    model, tok = tiny_parts
+    return LlavaAdapter(model, tok, PREPROCESSOR, model_id="tiny-seed0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_parts, tmp_path_factory):
+    """The same organism saved with ``save_organism`` (safetensors + config + tokenizer + preprocessor)."""
+    from interp.models.organism import save_organism
+
+    path = tmp_path_factory.mktemp("tiny_llava")
+    save_organism(*tiny_parts, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_images():
+    """Three distinct grey images [64, 64] in [0, 1] (one at another size, to exercise resizing)."""
+    rng = np.random.default_rng(0)
+    return [
+        rng.random((64, 64), dtype=np.float32),
+        np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64),
+        rng.random((96, 96), dtype=np.float32),
+    ]
