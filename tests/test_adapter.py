@@ -14,7 +14,6 @@ import copy
 import re
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

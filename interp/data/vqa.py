@@ -20,6 +20,7 @@ import numpy as np
 
 from interp.data.phantom import (
     FINDINGS,
+    SEVERITIES,
     SIDES,
     ZONES,
     Anatomy,
@@ -36,6 +37,8 @@ MODES = ("direct", "cot")
 SPLITS = ("train", "val", "test")
 CHAIN_END = "answer :"
 FORMAT_VERSION = 1
+# words of the negation benchmark's prompts (option letters) and contextual claims (severity, "not")
+EXTRA_WORDS = ("b", "c", "d", "not", *SEVERITIES)
 
 FINDING_WORDS = {
     "pleural_effusion": "pleural effusion",
@@ -173,7 +176,7 @@ def vocabulary() -> list[str]:
             continue
         zones = ("lower",) if name == "pleural_effusion" else ("upper",) if name == "pneumothorax" else ZONES
         specs += [PhantomSpec(anatomy, (Finding(name, s, z, "small"),)) for s in SIDES for z in zones]
-    words = set()
+    words = set(EXTRA_WORDS)
     for spec in specs:
         for it in _items_for(0, "train", spec, ALL_KINDS, MODES):
             words.update(it.prompt.split())

@@ -139,6 +139,16 @@ class LlavaAdapter:
             if s.point == "resid_pre" and s.layer and not torch.equal(cache[site], cache[f"{s.tower}.blocks.{s.layer - 1}.resid_post"]):
                 raise InterpError(f"site {site!r} of {self.model_id} is not block {s.layer - 1}'s resid_post: wrong hook module?")
 
+    def n_layers(self, tower: str) -> int:
+        """Number of blocks of ``tower`` (``vision`` or ``lm``)."""
+        if tower not in ("vision", "lm"):
+            raise InterpError(f"unknown tower {tower!r} for {self.name}: vision or lm")
+        return self.n_vision_layers if tower == "vision" else self.n_lm_layers
+
+    def readout(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """What metrics read: each row's next-token logits at its answer position [rows, vocab]."""
+        return logits[torch.arange(len(batch)), batch.answer_index.to(logits.device)]
+
     # --- sites -------------------------------------------------------------------------
     def _site_map(self) -> dict[str, Hook]:
         hooks: dict[str, Hook] = {"vision.embed": Hook("model.vision_tower.embeddings")}

@@ -22,7 +22,7 @@ import torch
 from interp.errors import InterpError
 from interp.models.adapter import Batch, LlavaAdapter
 
-Metric = Callable[[torch.Tensor], torch.Tensor]  # logits at the answer position [rows, vocab] -> [rows]
+Metric = Callable[[torch.Tensor], torch.Tensor]  # adapter.readout rows (LVLM: answer logits) -> [rows]
 POINTS = ("resid_post", "mlp.out", "attn.out")
 
 
@@ -113,19 +113,18 @@ def restore_sweep(
         )
     if point not in POINTS:
         raise InterpError(f"unknown point {point!r}: choose one of {', '.join(POINTS)}")
-    n = adapter.n_lm_layers if tower == "lm" else adapter.n_vision_layers
+    n = adapter.n_layers(tower)
     bad = [l for l in layers if not 0 <= l < n]
     if bad:
         raise InterpError(f"layer out of range: {bad[0]} ({tower} has layers 0..{n - 1})")
     post = [f"{tower}.blocks.{j}.resid_post" for j in range(n)]
     pts = [f"{tower}.blocks.{j}.{point}" for j in range(n)]
-    answer = clean.answer_index[0]
 
     def answer_metric(logits: torch.Tensor, rows: Batch) -> torch.Tensor:
-        return metric(logits[torch.arange(len(rows)), rows.answer_index])
+        return metric(adapter.readout(logits, rows))
 
     logits, clean_vals = adapter.run(clean, read=pts)
-    clean_m = float(metric(logits[:, answer])[0])
+    clean_m = float(answer_metric(logits, clean)[0])
 
     copies = noise.copies if noise else 1
     base = corrupt.take([0] * copies)
