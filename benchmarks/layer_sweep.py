@@ -50,7 +50,7 @@ def main() -> None:
         layers = list(range(adapter.n_layers(tower)))
         t_sweep = t_loop = diff = 0.0
         for pair, b in zip(pairs, batches):
-            ids = tok.convert_tokens_to_ids(["yes", "no"] if pair.item.answer == "yes" else ["no", "yes"])
+            ids = tok.convert_tokens_to_ids([pair.item.answer, *pair.alternatives])
             metric = metric_fn(cfg.metric, ids[0], ids[1:])
             noise = Noise(site, tuple(noised(adapter, tower, b, "image")), std, cfg.copies, cfg.seed)
             groups, _ = position_groups(adapter, tower, b.positions[0], cfg)

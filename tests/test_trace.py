@@ -141,6 +141,30 @@ def test_cli_bad_input(organism_dir, tmp_path, capsys, args, message):
     assert not out.exists() and not list(tmp_path.glob(".sweep-*"))
 
 
+def test_cli_unreadable_image(organism_dir, tmp_path, capsys):
+    bad = tmp_path / "scan.png"
+    bad.write_text("not a png")
+    out = tmp_path / "o"
+    args = ["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--image", str(bad), "--prompt", "is there a nodule ?"]
+    assert main(args) == 2
+    assert "unreadable image" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
+def test_cli_user_image(organism_dir, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "scan.png"
+    Image.fromarray((np.random.default_rng(0).random((80, 80)) * 255).astype(np.uint8)).save(path)
+    out = tmp_path / "o"
+    args = ["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--image", str(path), "--prompt",
+            "question : is there a nodule ? answer :", "--sites", "lm.blocks.2.resid_post", "--lm-positions", "span",
+            "--copies", "2"]
+    assert main(args) == 0
+    lm = xr.open_zarr(out / "sweep.zarr", group="lm")
+    assert lm.attrs["dataset"] == str(path) and lm.sizes["sample"] == 1
+
+
 def test_cli_missing_weights(tmp_path, capsys):
     assert main(["--layer-sweep", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "missing weights" in capsys.readouterr().err

@@ -15,6 +15,7 @@ finding removed). Writes ``<out>/sweep.zarr`` (effects [sample, layer, position]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from interp.trace.sweep import MODES, SweepConfig
 HELP = {
     "model": "model id or checkpoint folder ('organism' = the embedded one)",
     "data": "saved VQA data set (.json) or phantom-{train,val,test}",
+    "image": "trace one image file (PNG/JPEG/DICOM) instead of a data set; needs --prompt",
+    "prompt": "the prompt for --image; its answer is the model's own top prediction",
     "sites": "sites to sweep (globs); tower and point come from the names",
     "mode": "trace (noise + restore, ROME) or patch (paired inputs)",
     "corrupt": f"trace: {', '.join(MODES['trace'])}; patch: {', '.join(MODES['patch'])}",
@@ -57,6 +60,10 @@ def parse_args(argv: Sequence[str] | None) -> SweepConfig:
     return SweepConfig(**args)
 
 
+def file_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
@@ -64,11 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from interp.data.catalog import load_dataset
         from interp.models import load
         from interp.report import write_sweep_report
-        from interp.trace.sweep import run_sweep
+        from interp.trace.sweep import image_pair, run_sweep, select_pairs
 
         adapter = load(cfg.model, device=cfg.device)
-        data = load_dataset(cfg.data)
-        results = run_sweep(adapter, data, cfg)
+        if cfg.image:
+            pairs, source = [image_pair(adapter, cfg.image, cfg.prompt)], (cfg.image, file_hash(cfg.image))
+        else:
+            data = load_dataset(cfg.data)
+            pairs, source = select_pairs(data, cfg), (data.name, data.hash)
+        results = run_sweep(adapter, pairs, cfg, source)
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".sweep-", dir=out.parent))

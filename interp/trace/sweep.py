@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from itertools import groupby
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from interp import __version__
 from interp import sites as S
+from interp.data.images import load_image
 from interp.data.phantom import render
 from interp.data.vqa import VQADataset, VQAItem
 from interp.errors import InterpError
@@ -33,6 +35,8 @@ class SweepConfig:
 
     model: str = "organism"
     data: str = "phantom-test"
+    image: str = ""
+    prompt: str = ""
     sites: str = "vision.blocks.*.resid_post,lm.blocks.*.resid_post"
     mode: str = "trace"
     corrupt: str = "image"
@@ -61,6 +65,8 @@ class SweepConfig:
             raise InterpError(f"unknown --lm-positions {self.lm_positions!r}: choose token or span")
         if self.vision_positions != "patch" and not (self.vision_positions.startswith("block") and self.vision_positions[5:].isdigit()):
             raise InterpError(f"unknown --vision-positions {self.vision_positions!r}: choose patch or block<k> (e.g. block2)")
+        if self.image and (self.mode != "trace" or self.corrupt != "image"):
+            raise InterpError("--image traces the image with noise: use --mode trace --corrupt image")
         for name in ("limit", "window", "copies", "batch_size"):
             if getattr(self, name) < 1:
                 raise InterpError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -76,6 +82,7 @@ class Pair:
     corrupt_prompt: str
     corrupt_spans: dict
     mask: np.ndarray  # ground-truth finding mask of the clean image (empty if none)
+    alternatives: list[str]  # the other answers the metric compares with
 
 
 def select_pairs(data: VQADataset, cfg: SweepConfig) -> list[Pair]:
@@ -86,23 +93,38 @@ def select_pairs(data: VQADataset, cfg: SweepConfig) -> list[Pair]:
     else:
         pool = [it for it in direct if it.kind == "negated"]
     positive = {(it.image, it.finding): it for it in direct if it.kind == "positive"}
+    answers = {kind: sorted({it.answer for it in data.items if it.kind == kind}) for kind in {it.kind for it in pool}}
     by_finding = [list(g) for _, g in groupby(sorted(pool, key=lambda it: it.finding), key=lambda it: it.finding)]
     ordered = [it for row in _interleave(by_finding) for it in row]
     pairs = []
     for it in ordered[: cfg.limit]:
         ph = data.phantom(it.image)
         mask = ph.finding_masks.get(it.finding, np.zeros_like(ph.image, dtype=bool))
+        alt = [a for a in answers[it.kind] if a != it.answer]
         if cfg.corrupt == "counterfactual":
             other = render(data.specs[it.image].without(it.finding), data.image_seed(it.image), data.image_size).image
-            pairs.append(Pair(it, ph.image, other, it.prompt, it.spans, mask))
+            pairs.append(Pair(it, ph.image, other, it.prompt, it.spans, mask, alt))
         elif cfg.corrupt == "negation":
             pos = positive[(it.image, it.finding)]
-            pairs.append(Pair(it, ph.image, ph.image, pos.prompt, pos.spans, mask))
+            pairs.append(Pair(it, ph.image, ph.image, pos.prompt, pos.spans, mask, alt))
         else:
-            pairs.append(Pair(it, ph.image, ph.image, it.prompt, it.spans, mask))
+            pairs.append(Pair(it, ph.image, ph.image, it.prompt, it.spans, mask, alt))
     if not pairs:
         raise InterpError(f"empty data set: no items in {data.name} fit --mode {cfg.mode} --corrupt {cfg.corrupt}")
     return pairs
+
+
+def image_pair(adapter: LlavaAdapter, path: str, prompt: str) -> Pair:
+    """A user's image and prompt: traced for the model's own answer against its runner-up."""
+    if not prompt.strip():
+        raise InterpError("--image needs --prompt (the question to trace)")
+    image = load_image(path)
+    batch = adapter.encode([image], [prompt])
+    logits, _ = adapter.run(batch)
+    top = adapter.tokenizer.convert_ids_to_tokens(adapter.readout(logits, batch)[0].topk(2).indices.tolist())
+    item = VQAItem(id=Path(path).name, image=-1, kind="custom", finding="", mode="direct", prompt=prompt,
+                   target=top[0], answer=top[0], spans={})
+    return Pair(item, image, image, prompt, {}, np.zeros(image.shape, dtype=bool), top[1:])
 
 
 def _interleave(groups: list[list[VQAItem]]) -> Iterator[list[VQAItem]]:
@@ -159,8 +181,8 @@ def noise_std(adapter: LlavaAdapter, batches: list[tuple[Batch, list[int]]], sit
     return float(torch.cat(vals).std())
 
 
-def run_sweep(adapter: LlavaAdapter, data: VQADataset, cfg: SweepConfig) -> dict[str, xr.Dataset]:
-    """Sweep every (tower, point) the sites name over the selected samples."""
+def run_sweep(adapter: LlavaAdapter, pairs: list[Pair], cfg: SweepConfig, source: tuple[str, str]) -> dict[str, xr.Dataset]:
+    """Sweep every (tower, point) the sites name over ``pairs``; ``source`` = (data set name, hash)."""
     cfg.validate()
     towers: dict[tuple[str, str], list[int]] = {}
     for site in adapter.expand_sites(cfg.sites):
@@ -172,9 +194,7 @@ def run_sweep(adapter: LlavaAdapter, data: VQADataset, cfg: SweepConfig) -> dict
         towers = {k: v for k, v in towers.items() if k[0] == "lm"}  # the vision tower never sees the text
         if not towers:
             raise InterpError(f"--corrupt {cfg.corrupt} corrupts text: sweep lm sites")
-    pairs = select_pairs(data, cfg)
     tok = adapter.tokenizer
-    answers = {kind: sorted({it.answer for it in data.items if it.kind == kind}) for kind in {p.item.kind for p in pairs}}
     encoded = [
         (adapter.encode([p.clean_image], [p.item.prompt], [p.item.spans]).to(cfg.device),
          adapter.encode([p.corrupt_image], [p.corrupt_prompt], [p.corrupt_spans]).to(cfg.device))
@@ -189,7 +209,7 @@ def run_sweep(adapter: LlavaAdapter, data: VQADataset, cfg: SweepConfig) -> dict
         rows = []
         t0 = time.perf_counter()
         for p, (clean, corrupt) in tqdm(list(zip(pairs, encoded)), desc=f"sweep {tower}.{point}", unit="sample"):
-            ids = tok.convert_tokens_to_ids([p.item.answer] + [a for a in answers[p.item.kind] if a != p.item.answer])
+            ids = tok.convert_tokens_to_ids([p.item.answer, *p.alternatives])
             noise = Noise(noise_site, tuple(noised(adapter, tower, clean, cfg.corrupt)), std, cfg.copies, cfg.seed) if noise_site else None
             groups, labels = position_groups(adapter, tower, clean.positions[0], cfg)
             res = restore_sweep(adapter, clean, corrupt, metric_fn(cfg.metric, ids[0], ids[1:]), tower=tower,
@@ -197,13 +217,13 @@ def run_sweep(adapter: LlavaAdapter, data: VQADataset, cfg: SweepConfig) -> dict
                                 batch_size=cfg.batch_size)
             rows.append((p, res, labels, mask_fraction(p.mask, labels, adapter.grid, cfg.block(tower))))
         out[tower if point == "resid_post" else f"{tower}.{point}"] = _dataset(
-            rows, layers, tower, point, cfg, adapter, data, time.perf_counter() - t0, std if noise_site else 0.0)
+            rows, layers, tower, point, cfg, adapter, source, time.perf_counter() - t0, std if noise_site else 0.0)
     return out
 
 
 def _dataset(
     rows: list, layers: list[int], tower: str, point: str, cfg: SweepConfig, adapter: LlavaAdapter,
-    data: VQADataset, elapsed: float, std: float,
+    source: tuple[str, str], elapsed: float, std: float,
 ) -> xr.Dataset:
     """The sweep of one (tower, point) in the layout ``interp.report`` reads."""
     n = max(len(r[2]["kind"]) for r in rows)
@@ -242,7 +262,7 @@ def _dataset(
             "granularity": cfg.lm_positions if tower == "lm" else cfg.vision_positions,
             "grid_rows": adapter.grid[0] // k, "grid_cols": adapter.grid[1] // k,
             "model_id": adapter.model_id, "weight_hash": adapter.weight_hash,
-            "dataset": data.name, "dataset_hash": data.hash, "noise_std": std,
+            "dataset": source[0], "dataset_hash": source[1], "noise_std": std,
             "copies": cfg.copies if cfg.mode == "trace" else 0, "seed": cfg.seed, "elapsed_s": round(elapsed, 2),
             "code_version": __version__, "config": str(asdict(cfg)),
         },
