@@ -38,7 +38,7 @@ def main() -> None:
     plain = LlavaForConditionalGeneration.from_pretrained(
         LVLM_DIR if cfg.model == "organism" else cfg.model, attn_implementation="eager").eval()
     data = load_dataset(cfg.data)
-    pairs = select_pairs(data, cfg)
+    pairs = select_pairs(data, cfg)[: cfg.limit]
     batches = [adapter.encode([p.clean_image], [p.item.prompt], [p.item.spans]) for p in pairs]
     tok = adapter.tokenizer
     totals = {"sweep": 0.0, "loop": 0.0}

@@ -49,12 +49,12 @@ def test_text_span_noise_and_noop_positions(tiny_adapter, one, metric):
     """Noise on the finding span: positions before it restore nothing (causal LM)."""
     span = one.positions[0].spans["finding"]
     noise = Noise("lm.embed", tuple(span), std=1.0, copies=3, seed=0)
-    groups = [[p] for p in range(one.input_ids.shape[1])]
+    groups = [[p] for p in [0, 30, span[0] - 1, *span, one.input_ids.shape[1] - 1]]
     got = restore_sweep(tiny_adapter, one, one, metric, tower="lm", layers=[0, 2], groups=groups, noise=noise)
     ref, _, corrupted = reference_trace(tiny_adapter.model, one.model_inputs(), int(one.answer_index[0]), metric,
                                         tower="lm", layers=[0, 2], groups=groups, noise=noise)
     np.testing.assert_allclose(got.restored, ref, atol=1e-5)
-    np.testing.assert_allclose(got.restored[:, : span[0]], corrupted, atol=1e-6)
+    np.testing.assert_allclose(got.restored[:, :3], corrupted, atol=1e-6)
 
 
 def _hand_patch(model, clean_inputs, corrupt_inputs, answer, metric, layer, positions, point):
@@ -130,6 +130,7 @@ def organism_dir(tmp_path_factory):
         (["--data", "nowhere.json"], "unknown data set"),
         (["--mode", "patch", "--corrupt", "image"], "does not go with"),
         (["--limit", "0"], "--limit must be >= 1"),
+        (["--min-gap", "5"], "no sample among"),
         (["--sites", "lm.blocks.0.attn.pattern"], "cannot sweep site"),
     ],
 )
@@ -159,7 +160,7 @@ def test_cli_user_image(organism_dir, tmp_path):
     out = tmp_path / "o"
     args = ["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--image", str(path), "--prompt",
             "question : is there a nodule ? answer :", "--sites", "lm.blocks.2.resid_post", "--lm-positions", "span",
-            "--copies", "2"]
+            "--copies", "2", "--min-gap", "0"]
     assert main(args) == 0
     lm = xr.open_zarr(out / "sweep.zarr", group="lm")
     assert lm.attrs["dataset"] == str(path) and lm.sizes["sample"] == 1
@@ -172,7 +173,7 @@ def test_cli_missing_weights(tmp_path, capsys):
 
 def test_cli_end_to_end(organism_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = ["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--limit", "2", "--copies", "2",
+    args = ["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--limit", "2", "--copies", "2", "--min-gap", "0",
             "--sites", "vision.blocks.1.resid_post,lm.blocks.0.resid_post,lm.blocks.3.resid_post",
             "--vision-positions", "block4", "--lm-positions", "span"]
     assert main(args) == 0

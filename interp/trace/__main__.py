@@ -42,6 +42,7 @@ HELP = {
     "noise_scale": "noise std as a multiple of the corrupted embeddings' std (ROME: 3)",
     "batch_size": "restored runs per forward pass",
     "limit": "samples to sweep",
+    "min_gap": "keep only samples whose corruption moves the metric by at least this (ROME keeps such cases)",
     "seed": "noise seed",
     "device": "torch device",
     "out": "output folder (sweep.zarr + report.html)",

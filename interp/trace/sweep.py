@@ -6,6 +6,7 @@ to a Zarr store (one group each) that ``interp.report.write_sweep_report`` turns
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -24,8 +25,9 @@ from interp.data.phantom import render
 from interp.data.vqa import VQADataset, VQAItem
 from interp.errors import InterpError
 from interp.models.adapter import Batch, LlavaAdapter, Positions
-from interp.trace.patching import Noise, metric_fn, restore_sweep
+from interp.trace.patching import Noise, SweepResult, metric_fn, restore_sweep
 
+CANDIDATES = 4  # samples considered per sample kept (see SweepConfig.min_gap)
 MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual")}
 
 
@@ -48,6 +50,7 @@ class SweepConfig:
     noise_scale: float = 3.0
     batch_size: int = 512
     limit: int = 4
+    min_gap: float = 0.1
     seed: int = 0
     device: str = "cpu"
     out: str = "reports/layer-sweep"
@@ -97,7 +100,7 @@ def select_pairs(data: VQADataset, cfg: SweepConfig) -> list[Pair]:
     by_finding = [list(g) for _, g in groupby(sorted(pool, key=lambda it: it.finding), key=lambda it: it.finding)]
     ordered = [it for row in _interleave(by_finding) for it in row]
     pairs = []
-    for it in ordered[: cfg.limit]:
+    for it in ordered[: CANDIDATES * cfg.limit]:
         ph = data.phantom(it.image)
         mask = ph.finding_masks.get(it.finding, np.zeros_like(ph.image, dtype=bool))
         alt = [a for a in answers[it.kind] if a != it.answer]
@@ -194,30 +197,44 @@ def run_sweep(adapter: LlavaAdapter, pairs: list[Pair], cfg: SweepConfig, source
         towers = {k: v for k, v in towers.items() if k[0] == "lm"}  # the vision tower never sees the text
         if not towers:
             raise InterpError(f"--corrupt {cfg.corrupt} corrupts text: sweep lm sites")
-    tok = adapter.tokenizer
+    candidates = pairs[: CANDIDATES * cfg.limit]
     encoded = [
         (adapter.encode([p.clean_image], [p.item.prompt], [p.item.spans]).to(cfg.device),
          adapter.encode([p.corrupt_image], [p.corrupt_prompt], [p.corrupt_spans]).to(cfg.device))
-        for p in pairs
+        for p in candidates
     ]
+    stds = {tower: cfg.noise_scale * noise_std(adapter, [(c, noised(adapter, tower, c, cfg.corrupt)) for c, _ in encoded],
+                                               "vision.embed" if tower == "vision" else "lm.embed")
+            for tower, _ in towers} if cfg.mode == "trace" else {}
+
+    def sweep(i: int, tower: str, layers: list[int], groups: list[list[int]], point: str = "resid_post") -> SweepResult:
+        p, (clean, corrupt) = candidates[i], encoded[i]
+        ids = adapter.tokenizer.convert_tokens_to_ids([p.item.answer, *p.alternatives])
+        noise = Noise("vision.embed" if tower == "vision" else "lm.embed", tuple(noised(adapter, tower, clean, cfg.corrupt)),
+                      stds[tower], cfg.copies, cfg.seed) if stds else None
+        return restore_sweep(adapter, clean, corrupt, metric_fn(cfg.metric, ids[0], ids[1:]), tower=tower, layers=layers,
+                             groups=groups, point=point, window=cfg.window, noise=noise, batch_size=cfg.batch_size)
+
+    # ROME keeps cases the corruption actually changes: tiny gaps make normalised effects noise
+    kept = [i for i in range(len(candidates))
+            if all(abs(r.clean - r.corrupted) >= cfg.min_gap for r in (sweep(i, t, [], [[0]]) for t, _ in towers))]
+    kept = kept[: cfg.limit]
+    if not kept:
+        raise InterpError(f"no sample among {len(candidates)} where the corruption moves the {cfg.metric} by >= "
+                          f"{cfg.min_gap}: lower --min-gap or check the model")
+    if len(kept) < len(candidates):
+        print(f"kept {len(kept)} of {len(candidates)} candidate samples (corruption gap >= {cfg.min_gap})", file=sys.stderr)
     out: dict[str, xr.Dataset] = {}
     for (tower, point), layers in towers.items():
-        noise_site = None
-        if cfg.mode == "trace":
-            noise_site = "vision.embed" if tower == "vision" else "lm.embed"
-            std = cfg.noise_scale * noise_std(adapter, [(c, noised(adapter, tower, c, cfg.corrupt)) for c, _ in encoded], noise_site)
         rows = []
         t0 = time.perf_counter()
-        for p, (clean, corrupt) in tqdm(list(zip(pairs, encoded)), desc=f"sweep {tower}.{point}", unit="sample"):
-            ids = tok.convert_tokens_to_ids([p.item.answer, *p.alternatives])
-            noise = Noise(noise_site, tuple(noised(adapter, tower, clean, cfg.corrupt)), std, cfg.copies, cfg.seed) if noise_site else None
-            groups, labels = position_groups(adapter, tower, clean.positions[0], cfg)
-            res = restore_sweep(adapter, clean, corrupt, metric_fn(cfg.metric, ids[0], ids[1:]), tower=tower,
-                                layers=layers, groups=groups, point=point, window=cfg.window, noise=noise,
-                                batch_size=cfg.batch_size)
+        for i in tqdm(kept, desc=f"sweep {tower}.{point}", unit="sample"):
+            groups, labels = position_groups(adapter, tower, encoded[i][0].positions[0], cfg)
+            res = sweep(i, tower, layers, groups, point)
+            p = candidates[i]
             rows.append((p, res, labels, mask_fraction(p.mask, labels, adapter.grid, cfg.block(tower))))
         out[tower if point == "resid_post" else f"{tower}.{point}"] = _dataset(
-            rows, layers, tower, point, cfg, adapter, source, time.perf_counter() - t0, std if noise_site else 0.0)
+            rows, layers, tower, point, cfg, adapter, source, time.perf_counter() - t0, stds.get(tower, 0.0))
     return out
 
 
