@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -93,7 +93,182 @@ class Batch:
         )
 
 
-class LlavaAdapter:
+@runtime_checkable
+class Adapter(Protocol):
+    """What every adapter offers (``LlavaAdapter``, ``ClipAdapter``): analyses are written against this.
+
+    ``run`` returns (outputs, {site: value}); ``readout(outputs, batch)`` turns the outputs into the
+    [rows, k] values metrics read (LVLM: next-token logits at the answer position; dual encoder: the
+    row's image-text logit, k = 1). Block sites of tower t are ``t.blocks.{0..n_layers(t)-1}.<point>``.
+    """
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    model_id: str
+    sites: list[str]
+    hooks: dict[str, Hook]
+    weight_hash: str
+
+    def validate(self) -> None: ...
+
+    def n_layers(self, tower: str) -> int: ...
+
+    def expand_sites(self, patterns: str | Iterable[str]) -> list[str]: ...
+
+    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]: ...
+
+    def vision_positions(self) -> Positions: ...
+
+    def encode(
+        self, images: Sequence[np.ndarray], texts: Sequence[str], spans: Sequence[Mapping[str, tuple[int, int]]] | None = None
+    ) -> Batch: ...
+
+    def run(
+        self,
+        batch: Batch,
+        read: Iterable[str] = (),
+        edit: Mapping[str, Edit] | None = None,
+        *,
+        skip: Mapping[str, torch.Tensor] | None = None,
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def readout(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+
+
+class HookedAdapter:
+    """Shared machinery: a site map (site -> ``Hook``) executed through nnsight in execution order.
+
+    Subclasses set ``model``, ``model_id``, ``vision_config`` and ``preprocess``, call
+    ``_attach(site_map)``, and define ``_trace_output`` (what ``run`` returns) and, if some
+    sites cannot run for some batches, ``_check_run``.
+    """
+
+    name = "hooked"
+    model: torch.nn.Module
+    model_id: str
+    preprocess: dict
+
+    def _attach(self, hooks: dict[str, Hook]) -> None:
+        """Install the site map (its order is the execution order) and wrap the model in nnsight."""
+        self.hooks = hooks
+        self.sites = list(hooks)
+        self._hook_order = {h: i for i, h in enumerate(dict.fromkeys(hooks.values()))}
+        self.nn = NNsight(self.model)
+        self.weight_hash = weight_hash(self.model)
+
+    def _check_sites(self, batch: Batch, seq_len: int) -> None:
+        """Run ``batch`` (one row) reading every site: each has the shape ``site_shape`` gives and
+        each block's resid_pre is the previous block's resid_post; InterpError names the first broken site."""
+        try:
+            _, cache = self.run(batch, read=self.sites)
+        except Exception as e:  # nnsight errors (e.g. out-of-order hooks) from a wrong site map
+            raise InterpError(f"site map of {self.model_id} does not run: {(str(e) or type(e).__name__).splitlines()[0]}") from e
+        for site in self.sites:
+            if not isinstance(cache[site], torch.Tensor):
+                hint = " (attention weights need attn_implementation='eager')" if site.endswith("attn.pattern") else ""
+                raise InterpError(f"site {site!r} of {self.model_id} gives {type(cache[site]).__name__}, not a tensor{hint}")
+            got, want = tuple(cache[site].shape), (1, *self.site_shape(site, seq_len))
+            if got != want:
+                raise InterpError(f"site {site!r} of {self.model_id} has shape {got}, expected {want}: wrong hook module?")
+            s = S.parse(site)
+            if s.point == "resid_pre" and s.layer and not torch.equal(cache[site], cache[f"{s.tower}.blocks.{s.layer - 1}.resid_post"]):
+                raise InterpError(f"site {site!r} of {self.model_id} is not block {s.layer - 1}'s resid_post: wrong hook module?")
+
+    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:  # pragma: no cover - per architecture
+        raise NotImplementedError
+
+    def expand_sites(self, patterns: str | Iterable[str]) -> list[str]:
+        """Names and globs -> valid sites in execution order (InterpError on unknown ones)."""
+        return S.expand(patterns, self.sites)
+
+    # --- inputs ------------------------------------------------------------------------
+    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Grey images [H, W] in [0, 1] -> normalised ``pixel_values`` [b, c, size, size]."""
+        size, c = self.vision_config.image_size, self.vision_config.num_channels
+        out = []
+        for img in images:
+            a = np.asarray(img, dtype=np.float32)
+            if a.ndim != 2:
+                raise InterpError(f"wrong image shape {a.shape}: expected a 2-D grey image [H, W]")
+            t = torch.from_numpy(a)[None, None]
+            if a.shape != (size, size):
+                t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(t[0].expand(c, -1, -1))
+        x = torch.stack(out)
+        mean = torch.tensor(self.preprocess.get("image_mean", [0.5] * c), dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess.get("image_std", [0.5] * c), dtype=x.dtype).view(1, -1, 1, 1)
+        return ((x - mean) / std).to(self.model.dtype)
+
+    # --- execution ---------------------------------------------------------------------
+    def _check_run(self, batch: Batch, names: list[str]) -> None:
+        """Refuse sites that do not run for this batch (per architecture)."""
+
+    def _trace_output(self):
+        """Inside the trace: the saved model output ``run`` returns (per architecture)."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        batch: Batch,
+        read: Iterable[str] = (),
+        edit: Mapping[str, Edit] | None = None,
+        *,
+        skip: Mapping[str, torch.Tensor] | None = None,
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass; returns (outputs, {site: value}); outputs per architecture
+        (LLaVA: logits [b, s, vocab]; dual encoders: logits_per_image [b, b]).
+
+        ``edit[site]`` maps the site's value to its replacement (in place or new); reads see the
+        edited value. ``skip[<tower>.blocks.<l>.resid_post] = value`` does not run that block and
+        uses ``value`` as its output (how sweeps avoid recomputing layers before a patch).
+        Hook points are visited in execution order, as nnsight requires.
+        """
+        read, edit, skip = list(read), dict(edit or {}), dict(skip or {})
+        for name in [*read, *edit, *skip]:
+            if name not in self.hooks:
+                self.expand_sites([name])  # raises the one-line error naming the site
+        for name in skip:
+            if S.parse(name).point != "resid_post":
+                raise InterpError(f"only block outputs (resid_post) can be skipped, not {name!r}")
+        for name in edit:  # the weights are returned after attention used them: an edit would be a silent no-op
+            if S.parse(name).point == "attn.pattern":
+                raise InterpError(f"cannot edit {name!r}: attention weights are read-only (edit attn.out or resid sites)")
+        self._check_run(batch, [*read, *edit, *skip])
+        by_hook: dict[Hook, list[str]] = {}
+        for name in dict.fromkeys([*edit, *read]):
+            by_hook.setdefault(self.hooks[name], []).append(name)
+        for name in skip:
+            by_hook.setdefault(self.hooks[name], [])
+        plan = sorted(by_hook.items(), key=lambda kv: self._hook_order[kv[0]])
+        skipped = {self.hooks[n]: v for n, v in skip.items()}
+        cache: dict[str, torch.Tensor] = {}
+        with torch.set_grad_enabled(grad), self.nn.trace(**batch.model_inputs()):
+            for hook, names in plan:
+                envoy = self.nn.get(hook.module)
+                if hook in skipped:
+                    envoy.skip(skipped[hook])
+                value = envoy.output if hook.io == "output" else envoy.input
+                for name in names:
+                    part = value if hook.index is None else value[hook.index]
+                    if name in edit:
+                        new = edit[name](part)
+                        if new is not part:
+                            value = new if hook.index is None else (*value[: hook.index], new, *value[hook.index + 1 :])
+                            if hook.io == "output":
+                                envoy.output = value
+                            else:
+                                envoy.input = value
+                            part = new
+                    if name in read:
+                        cache[name] = part
+            outputs = self._trace_output()
+        return outputs, cache
+
+
+class LlavaAdapter(HookedAdapter):
     """LLaVA-architecture models (transformers ``LlavaForConditionalGeneration``)."""
 
     name = "llava"
@@ -113,11 +288,7 @@ class LlavaAdapter:
         self.image_token_id = cfg.image_token_id
         self.n_vision_layers = self.vision_config.num_hidden_layers
         self.n_lm_layers = self.text_config.num_hidden_layers
-        self.hooks = self._site_map()
-        self.sites = list(self.hooks)
-        self._hook_order = {h: i for i, h in enumerate(dict.fromkeys(self.hooks.values()))}
-        self.nn = NNsight(self.model)
-        self.weight_hash = weight_hash(self.model)
+        self._attach(self._site_map())
         self.validate()
 
     def validate(self) -> None:
@@ -127,17 +298,7 @@ class LlavaAdapter:
         c, size, bos = self.vision_config.num_channels, self.vision_config.image_size, self.tokenizer.bos_token_id
         ids = torch.tensor([[bos] + [self.image_token_id] * self.n_patches + [bos]], device=p.device)
         pixels = torch.randn((1, c, size, size), generator=torch.Generator().manual_seed(0)).to(p)
-        try:
-            _, cache = self.run(Batch(ids, torch.ones_like(ids), pixels, []), read=self.sites)
-        except Exception as e:  # nnsight errors (e.g. out-of-order hooks) from a wrong site map
-            raise InterpError(f"site map of {self.model_id} does not run: {(str(e) or type(e).__name__).splitlines()[0]}") from e
-        for site in self.sites:
-            got, want = tuple(cache[site].shape), (1, *self.site_shape(site, ids.shape[1]))
-            if got != want:
-                raise InterpError(f"site {site!r} of {self.model_id} has shape {got}, expected {want}: wrong hook module?")
-            s = S.parse(site)
-            if s.point == "resid_pre" and s.layer and not torch.equal(cache[site], cache[f"{s.tower}.blocks.{s.layer - 1}.resid_post"]):
-                raise InterpError(f"site {site!r} of {self.model_id} is not block {s.layer - 1}'s resid_post: wrong hook module?")
+        self._check_sites(Batch(ids, torch.ones_like(ids), pixels, []), ids.shape[1])
 
     def n_layers(self, tower: str) -> int:
         """Number of blocks of ``tower`` (``vision`` or ``lm``)."""
@@ -169,10 +330,6 @@ class LlavaAdapter:
         hooks["lm.logits"] = Hook("lm_head")
         return hooks
 
-    def expand_sites(self, patterns: str | Iterable[str]) -> list[str]:
-        """Names and globs -> valid sites in execution order (InterpError on unknown ones)."""
-        return S.expand(patterns, self.sites)
-
     def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
         """Shape of one sample's value at ``site`` for an LM sequence of ``seq_len``."""
         s = S.parse(self.expand_sites([site])[0])
@@ -195,23 +352,6 @@ class LlavaAdapter:
         )
 
     # --- inputs ------------------------------------------------------------------------
-    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Grey images [H, W] in [0, 1] -> normalised ``pixel_values`` [b, c, size, size]."""
-        size, c = self.vision_config.image_size, self.vision_config.num_channels
-        out = []
-        for img in images:
-            a = np.asarray(img, dtype=np.float32)
-            if a.ndim != 2:
-                raise InterpError(f"wrong image shape {a.shape}: expected a 2-D grey image [H, W]")
-            t = torch.from_numpy(a)[None, None]
-            if a.shape != (size, size):
-                t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            out.append(t[0].expand(c, -1, -1))
-        x = torch.stack(out)
-        mean = torch.tensor(self.preprocess.get("image_mean", [0.5] * c), dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.preprocess.get("image_std", [0.5] * c), dtype=x.dtype).view(1, -1, 1, 1)
-        return ((x - mean) / std).to(self.model.dtype)
-
     def encode(
         self,
         images: Sequence[np.ndarray],
@@ -261,63 +401,13 @@ class LlavaAdapter:
         return Batch(input_ids, mask, self.pixels(images), positions)
 
     # --- execution ---------------------------------------------------------------------
-    def run(
-        self,
-        batch: Batch,
-        read: Iterable[str] = (),
-        edit: Mapping[str, Edit] | None = None,
-        *,
-        skip: Mapping[str, torch.Tensor] | None = None,
-        grad: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward pass; returns (logits [b, s, vocab], {site: value}).
-
-        ``edit[site]`` maps the site's value to its replacement (in place or new); reads see the
-        edited value. ``skip[<tower>.blocks.<l>.resid_post] = value`` does not run that block and
-        uses ``value`` as its output (how sweeps avoid recomputing layers before a patch).
-        Hook points are visited in execution order, as nnsight requires.
-        """
-        read, edit, skip = list(read), dict(edit or {}), dict(skip or {})
-        for name in [*read, *edit, *skip]:
-            if name not in self.hooks:
-                self.expand_sites([name])  # raises the one-line error naming the site
-        for name in skip:
-            if S.parse(name).point != "resid_post":
-                raise InterpError(f"only block outputs (resid_post) can be skipped, not {name!r}")
-        for name in edit:  # the weights are returned after attention used them: an edit would be a silent no-op
-            if S.parse(name).point == "attn.pattern":
-                raise InterpError(f"cannot edit {name!r}: attention weights are read-only (edit attn.out or resid sites)")
-        if batch.inputs_embeds is not None and any(S.parse(n).tower in ("vision", "projector") for n in [*read, *edit, *skip]):
+    def _check_run(self, batch: Batch, names: list[str]) -> None:
+        if batch.inputs_embeds is not None and any(S.parse(n).tower in ("vision", "projector") for n in names):
             raise InterpError("vision and projector sites do not run when the batch carries inputs_embeds")
-        by_hook: dict[Hook, list[str]] = {}
-        for name in dict.fromkeys([*edit, *read]):
-            by_hook.setdefault(self.hooks[name], []).append(name)
-        for name in skip:
-            by_hook.setdefault(self.hooks[name], [])
-        plan = sorted(by_hook.items(), key=lambda kv: self._hook_order[kv[0]])
-        skipped = {self.hooks[n]: v for n, v in skip.items()}
-        cache: dict[str, torch.Tensor] = {}
-        with torch.set_grad_enabled(grad), self.nn.trace(**batch.model_inputs()):
-            for hook, names in plan:
-                envoy = self.nn.get(hook.module)
-                if hook in skipped:
-                    envoy.skip(skipped[hook])
-                value = envoy.output if hook.io == "output" else envoy.input
-                for name in names:
-                    part = value if hook.index is None else value[hook.index]
-                    if name in edit:
-                        new = edit[name](part)
-                        if new is not part:
-                            value = new if hook.index is None else (*value[: hook.index], new, *value[hook.index + 1 :])
-                            if hook.io == "output":
-                                envoy.output = value
-                            else:
-                                envoy.input = value
-                            part = new
-                    if name in read:
-                        cache[name] = part
-            logits = self.nn.output.logits.save()
-        return logits, cache
+
+    def _trace_output(self):
+        """``run`` returns the logits [b, s, vocab]."""
+        return self.nn.output.logits.save()
 
 
 def weight_hash(model: torch.nn.Module) -> str:
@@ -325,5 +415,5 @@ def weight_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-d scalars too
     return h.hexdigest()[:16]

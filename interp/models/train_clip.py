@@ -1,0 +1,267 @@
+"""Train the CLIP model organism on phantoms with report-style captions; evaluate it on the
+MedNega-style phantom benchmark (negated vs affirmative 4-way accuracy, their gap) and on
+image->text retrieval of non-negated captions.
+
+    python -m interp.models.train_clip                 # train, save to interp/models/weights/clip
+    python -m interp.models.train_clip --eval-only     # print the figures of the shipped organism
+
+Captions: each finding is mentioned with probability ``mention`` (at least one per caption),
+in random order; a present finding as its positive phrase ("there is a pleural effusion"),
+an absent one as its negated phrase ("there is no pneumothorax") with probability
+``negated_rate``, else as its affirmative rewrite ("the lungs are fully expanded"); phrases
+joined by " . ". Loss: the CLIP symmetric contrastive loss; with ``multi_positive`` images
+of the same label vector in a batch count as positives of each other's captions (their
+captions are equally true). ``hard_negatives``: each image's caption with one mentioned
+finding's polarity flipped is added as an extra text negative (image->text direction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from interp.data.negation import PHANTOM_BANK, mednega_from_phantoms, score_negation
+from interp.data.phantom import FINDINGS, sample_spec
+from interp.data.vqa import AFFIRMATIVE, SPLITS, VQADataset
+from interp.errors import InterpError
+from interp.models.clip import (
+    CLIP_DIR,
+    ClipAdapter,
+    build_clip_organism,
+    save_clip_organism,
+)
+from interp.models.organism import PREPROCESSOR
+
+
+@dataclass
+class ClipTrainConfig:
+    seed: int = 0
+    n_train: int = 6000  # phantoms rendered once (train split)
+    steps: int = 1000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    mention: float = 0.7
+    negated_rate: float = 0.5
+    multi_positive: bool = True
+    hard_negatives: bool = False
+    sizes: dict = field(default_factory=lambda: dict(d_text=64, n_text=4, d_vision=64, n_vision=3, d_embed=64))
+    threads: int = 1  # 2 shared cores: one thread is faster than two under contention
+    eval_images: int = 400  # held-out test split phantoms (benchmark + retrieval)
+    eval_seed: int = 1
+
+
+# ---------------------------------------------------------------------------------------
+# captions
+
+
+def phrase(name: str, present: bool, negated: bool) -> str:
+    p = PHANTOM_BANK[name]
+    return p.positive if present else p.negated if negated else p.affirmative
+
+
+def join(phrases: list[str]) -> str:
+    return " . ".join(phrases) + " ."
+
+
+def sample_caption(labels: np.ndarray, rng: np.random.Generator, cfg: ClipTrainConfig) -> tuple[str, str]:
+    """(caption, hard negative: the same caption with one finding's polarity flipped)."""
+    order = rng.permutation(len(FINDINGS))
+    keep = [i for i in order if rng.random() < cfg.mention] or [int(order[0])]
+    neg = {i: bool(rng.random() < cfg.negated_rate) for i in keep}
+    flip = keep[rng.integers(len(keep))]
+    cap = [phrase(FINDINGS[i], bool(labels[i]), neg[i]) for i in keep]
+    hard = [phrase(FINDINGS[i], bool(labels[i]) ^ (i == flip), neg[i]) for i in keep]
+    return join(cap), join(hard)
+
+
+def full_caption(labels: np.ndarray | tuple[int, ...]) -> str:
+    """The non-negated caption of a label vector: every finding in fixed order, absent ones as
+    affirmative rewrites (the retrieval gallery)."""
+    return join([PHANTOM_BANK[n].positive if v else AFFIRMATIVE[n] for n, v in zip(FINDINGS, labels)])
+
+
+def labels_of(spec) -> np.ndarray:
+    return np.array([int(spec.has(n)) for n in FINDINGS], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+def render_split(n: int, seed: int, split: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images [n, 64, 64] float32, labels [n, 5]) of the phantoms ``build_vqa(n, seed, split)`` draws."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    ds = VQADataset(seed, split, 64, [sample_spec(rng) for _ in range(n)], [])
+    images = np.stack([ds.image(i) for i in tqdm(range(n), desc=f"render {split}", disable=not progress, leave=False)])
+    return images.astype(np.float32), np.stack([labels_of(s) for s in ds.specs])
+
+
+def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor | None, n_hard: int = 0) -> torch.Tensor:
+    """Symmetric CLIP loss on logits [images, texts (+ n_hard extra text negatives)]; with ``labels``
+    [b, k] every text of the same label vector is a positive (targets spread uniformly)."""
+    b = logits.shape[0]
+    if labels is None:
+        target = torch.eye(b)
+    else:
+        target = (labels[:, None, :] == labels[None, :, :]).all(-1).float()
+    target = target / target.sum(1, keepdim=True)
+    t_img = torch.cat([target, torch.zeros(b, n_hard)], 1) if n_hard else target
+    loss_i = -(t_img * logits.log_softmax(1)).sum(1).mean()
+    loss_t = -(target.T / target.T.sum(1, keepdim=True) * logits[:, :b].T.log_softmax(1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+def train(cfg: ClipTrainConfig, progress: bool = True) -> tuple[ClipAdapter, dict]:
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, tok = build_clip_organism(cfg.seed, **cfg.sizes)
+    adapter_tmp = ClipAdapter(model, tok, PREPROCESSOR, "clip-organism-training")  # tokenisation + pixels
+    images, labels = render_split(cfg.n_train, cfg.seed, "train", progress)
+    pixels = adapter_tmp.pixels(list(images))
+    rng = np.random.default_rng([cfg.seed, 77])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
+    model.train()
+    dummy = [np.zeros((2, 2), np.float32)]
+    t0, hist = time.time(), []
+    bar = tqdm(range(cfg.steps), desc="train clip", disable=not progress)
+    for step in bar:
+        idx = rng.choice(cfg.n_train, size=cfg.batch, replace=False)
+        caps, hards = zip(*(sample_caption(labels[i], rng, cfg) for i in idx))
+        texts = list(caps) + (list(hards) if cfg.hard_negatives else [])
+        enc = adapter_tmp.encode(dummy * len(texts), texts)
+        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels[idx])
+        lab = torch.from_numpy(labels[idx]) if cfg.multi_positive else None
+        loss = contrastive_loss(out.logits_per_image, lab, cfg.batch if cfg.hard_negatives else 0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        hist.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(hist[-20:]):.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+    model.eval()
+    info = {"train_seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(hist[-50:])),
+            "loss_first_50": float(np.mean(hist[:50])), "threads": torch.get_num_threads()}
+    return ClipAdapter(model, tok, PREPROCESSOR, "clip-organism"), info
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(adapter: ClipAdapter, n_images: int = 400, seed: int = 1, split: str = "test") -> dict:
+    """MedNega-style 4-way accuracy on negated and affirmative option sets (gap = affirmative -
+    negated, 95% bootstrap CIs) and image->text retrieval recall@1/5 over the 32 non-negated
+    captions (one per label vector) for the held-out phantoms of ``split``."""
+    bench = mednega_from_phantoms(n_images, seed, split)
+    ds = bench.dataset()
+    img_cache: dict[int, np.ndarray] = {}
+    def image(i: int) -> np.ndarray:
+        if i not in img_cache:
+            img_cache[i] = ds.image(i)
+        return img_cache[i]
+
+    item_imgs = adapter.image_embeds([image(int(it.image)) for it in bench.items])
+    scores = {}
+    for variant in ("negation", "affirmative"):
+        opts = [o for ch in bench.choices(variant) for o in ch]
+        t = adapter.text_embeds(opts).view(len(bench), 4, -1)
+        scores[variant] = torch.einsum("nd,nkd->nk", item_imgs, t).numpy()
+    s = score_negation(scores["negation"], scores["affirmative"], bench.correct)
+
+    gallery = [tuple(int(b) for b in np.binary_repr(k, len(FINDINGS))) for k in range(2 ** len(FINDINGS))]
+    g = adapter.text_embeds([full_caption(v) for v in gallery])
+    all_imgs = adapter.image_embeds([image(i) for i in range(n_images)])
+    truth = torch.tensor([gallery.index(tuple(labels_of(sp).tolist())) for sp in ds.specs])
+    sim = adapter.similarity(all_imgs, g)
+    rank = (sim > sim[torch.arange(n_images), truth][:, None]).sum(1)  # 0 = top
+    # per-finding presence from the caption similarity: is the finding's label read correctly?
+    pred = torch.tensor(gallery)[sim.argmax(1)]
+    lab = torch.stack([torch.from_numpy(labels_of(sp)) for sp in ds.specs])
+    return {
+        "benchmark": {"n_items": s.n, "n_images": n_images, "seed": seed, "split": split, "hash": bench.hash[:16]},
+        "negated_acc": round(s.negated, 4), "affirmative_acc": round(s.affirmative, 4), "gap": round(s.gap, 4),
+        "negated_ci": [round(x, 4) for x in s.negated_ci], "affirmative_ci": [round(x, 4) for x in s.affirmative_ci],
+        "chance_mcq": 0.25,
+        "retrieval": {"recall@1": round(float((rank < 1).float().mean()), 4), "recall@5": round(float((rank < 5).float().mean()), 4),
+                      "gallery": len(gallery), "chance@1": round(1 / len(gallery), 4), "chance@5": round(5 / len(gallery), 4)},
+        "finding_acc_from_top1": {n: round(float((pred[:, j] == lab[:, j]).float().mean()), 4) for j, n in enumerate(FINDINGS)},
+    }
+
+
+def format_table(m: dict) -> str:
+    r = m["retrieval"]
+    lines = [
+        f"MedNega-style phantom benchmark ({m['benchmark']['n_items']} items, split {m['benchmark']['split']}, seed {m['benchmark']['seed']}; chance 0.25)",
+        f"  negated     acc {m['negated_acc']:.3f}  95% CI [{m['negated_ci'][0]:.3f}, {m['negated_ci'][1]:.3f}]",
+        f"  affirmative acc {m['affirmative_acc']:.3f}  95% CI [{m['affirmative_ci'][0]:.3f}, {m['affirmative_ci'][1]:.3f}]",
+        f"  gap (affirmative - negated) {m['gap']:+.3f}",
+        f"image->text retrieval, {m['benchmark']['n_images']} images vs {r['gallery']} non-negated captions: "
+        f"R@1 {r['recall@1']:.3f} (chance {r['chance@1']:.3f})  R@5 {r['recall@5']:.3f} (chance {r['chance@5']:.3f})",
+        "per-finding label read from the top-1 caption: " + ", ".join(f"{k} {v:.2f}" for k, v in m["finding_acc_from_top1"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m interp.models.train_clip", description=__doc__.split("\n\n")[0])
+    p.add_argument("--eval-only", action="store_true", help="evaluate a saved model and print the figures")
+    p.add_argument("--model", default="clip-organism", help="model for --eval-only (id or folder)")
+    p.add_argument("--out", default=str(CLIP_DIR), help="where to save the trained organism")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--hard-negatives", action="store_true")
+    p.add_argument("--negated-rate", type=float)
+    p.add_argument("--eval-images", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    cfg = ClipTrainConfig()
+    for k in ("steps", "seed", "n_train", "negated_rate", "eval_images"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    cfg.hard_negatives = a.hard_negatives
+    torch.set_num_threads(cfg.threads)
+    try:
+        if a.eval_only:
+            from interp.models import load
+
+            adapter = load(a.model)
+            m = evaluate(adapter, cfg.eval_images, cfg.eval_seed)
+            print(f"model {a.model} (weights {adapter.weight_hash})")
+            print(format_table(m))
+            return 0
+        adapter, info = train(cfg, progress=not a.no_progress)
+        m = evaluate(adapter, cfg.eval_images, cfg.eval_seed)
+        out = save_clip_organism(adapter.model, adapter.tokenizer, a.out)
+        metrics = {"config": asdict(cfg), "train": info, "weight_hash": adapter.weight_hash, "eval": m,
+                   "command": "python -m interp.models.train_clip " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "eval_command": "python -m interp.models.train_clip --eval-only"}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(format_table(m))
+        print(f"saved to {out} ({info['train_seconds']} s training)")
+        return 0
+    except InterpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

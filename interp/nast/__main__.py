@@ -1,0 +1,106 @@
+"""``python -m interp.nast``: negation tracing -> alphas, and one NAST training run.
+
+    python -m interp.nast trace --model clip-organism --n-images 48 --seeds 0,1,2 --out reports/nast
+    python -m interp.nast train --method nast --beta 1 --alphas reports/nast/alphas.json
+
+The full comparison (base, uniform, NAST per beta, shuffled/random controls, >= 3 seeds) is
+``python experiments/nast_clip.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from interp.errors import InterpError
+
+
+def load_adapter(model: str):
+    from interp.models import load
+
+    return load(model)
+
+
+def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes=("presence", "laterality"),
+                aggregate: str = "max", min_margin: float = 0.1, limit: int | None = None, split: str = "val"):
+    """CTE per data seed, their pooled result, the per-seed profiles' rank stability, and alphas."""
+    from interp.nast.cte import CTEResult, alphas_from_cte, negation_pairs, negation_trace, seed_stability
+
+    results = []
+    for s in seeds:
+        pairs = negation_pairs(n_images, s, split, attributes=attributes, limit=limit)
+        results.append(negation_trace(adapter, pairs, min_margin=min_margin))
+    pooled = CTEResult(np.concatenate([r.values for r in results]), np.concatenate([r.margin for r in results]), "nast",
+                       results[0].roles, [i for r in results for i in r.ids],
+                       {**results[0].meta, "seeds": list(seeds), "dropped": sum(r.meta["dropped"] for r in results)})
+    stab = seed_stability([r.profile(aggregate) for r in results])
+    return results, pooled, stab, alphas_from_cte(pooled, aggregate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from interp.nast.train import NastConfig
+
+    p = argparse.ArgumentParser(prog="python -m interp.nast", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("trace", help="CTE per layer x role on phantom claim pairs; writes cte.json + alphas.json")
+    t.add_argument("--model", default="clip-organism")
+    t.add_argument("--n-images", type=int, default=48)
+    t.add_argument("--seeds", default="0,1,2")
+    t.add_argument("--limit", type=int, default=None, help="pairs per seed")
+    t.add_argument("--aggregate", default="max", choices=("max", "negator", "mean"))
+    t.add_argument("--min-margin", type=float, default=0.1)
+    t.add_argument("--out", default="reports/nast")
+    r = sub.add_parser("train", help="one training run; prints its metrics")
+    for f in fields(NastConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            r.add_argument(flag, action="store_true", default=f.default)
+        else:
+            r.add_argument(flag, type=type(f.default), default=f.default)
+    r.add_argument("--alphas", default=None, help="alphas.json from `trace` (needed by nast / shuffled)")
+    r.add_argument("--out", default=None, help="write the run's JSON here")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "trace":
+            adapter = load_adapter(args.model)
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            results, pooled, stab, alphas = trace_seeds(adapter, seeds, args.n_images, aggregate=args.aggregate,
+                                                        min_margin=args.min_margin, limit=args.limit)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "cte.json").write_text(json.dumps({"pooled": pooled.to_dict(), "stability": stab,
+                                                      "per_seed": [r.to_dict(n_boot=200) for r in results]}, indent=1))
+            (out / "alphas.json").write_text(json.dumps({"alphas": alphas.tolist(), "aggregate": args.aggregate,
+                                                         "model": args.model}, indent=1))
+            print(f"profile ({args.aggregate}): {np.round(pooled.profile(args.aggregate), 3).tolist()}")
+            print(f"alphas: {np.round(alphas, 3).tolist()}  seed rank correlation: {stab['mean']:.3f}")
+            print(f"wrote {out / 'cte.json'} and {out / 'alphas.json'}")
+        else:
+            from interp.nast.train import train_run
+
+            cfg = NastConfig(**{f.name: getattr(args, f.name) for f in fields(NastConfig)})
+            alphas = None
+            if args.alphas:
+                try:
+                    alphas = json.loads(Path(args.alphas).read_text())["alphas"]
+                except (OSError, ValueError, KeyError) as e:
+                    raise InterpError(f"cannot read alphas from {args.alphas}: {e!r}") from None
+            res = train_run(load_adapter(cfg.model), cfg, alphas, progress=True)
+            print(json.dumps(res.metrics, indent=1))
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(res.to_dict(), indent=1))
+    except InterpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

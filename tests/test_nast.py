@@ -1,0 +1,266 @@
+"""NAST: negation tracing (CTE vs an independent hand loop), alphas, scaled LoRA gradients, training.
+
+Runs against a random-init tiny ``CLIPModel`` (seeded) behind ``interp.models.clip.ClipAdapter``
+when that module exists, else behind a minimal hook-based wrapper defined here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from interp.errors import InterpError
+from interp.models.adapter import Batch, Positions
+from interp.nast import cte as C
+from interp.nast.lora import apply_scaled_lora
+
+WORDS = ["there", "is", "a", "no", "not", "the", "pleural", "effusion", "nodule", "pneumothorax", "cardiomegaly", "consolidation", "on", "left", "right", ".", "lungs", "are", "clear", "large", "small", "in", "upper", "lower", "middle", "zone", "heart", "size", "normal", "costophrenic", "angles", "sharp", "fully", "expanded", "well", "aerated", "lung", "fields", "of", "nodules"]
+
+
+def tiny_clip(seed: int = 0, layers: int = 3):
+    from transformers import CLIPConfig, CLIPModel
+
+    from interp.models.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(WORDS)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, num_channels=1),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(cfg).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # a sharper logit scale than the init's, as after training
+        model.logit_scale.fill_(np.log(30.0))
+    return model, tok
+
+
+class MiniClip:
+    """Hook-based stand-in with the ClipAdapter interface the NAST code uses."""
+
+    name = "clip-mini"
+    model_id = "tiny-clip"
+
+    def __init__(self, model, tok):
+        self.model, self.tokenizer = model, tok
+        self.n = model.config.text_config.num_hidden_layers
+
+    def n_layers(self, tower):
+        return self.n
+
+    def pixels(self, images):
+        size = self.model.config.vision_config.image_size
+        x = torch.stack([torch.nn.functional.interpolate(torch.as_tensor(np.asarray(i, np.float32))[None, None], size=(size, size),
+                                                         mode="bilinear", align_corners=False)[0] for i in images])
+        return ((x - 0.5) / 0.25).to(self.model.dtype)
+
+    def encode(self, images, texts, spans=None):
+        tok = self.tokenizer
+        spans = spans or [{} for _ in texts]
+        enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        seqs, pos = [], []
+        for ids, offs, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+            seq = [tok.bos_token_id, *ids, tok.eos_token_id]
+            named = {k: [1 + i for i, (s, e) in enumerate(offs) if s < b and e > a] for k, (a, b) in sp.items()}
+            seqs.append(seq)
+            pos.append(Positions(["special"] + ["text"] * len(ids) + ["special"], [-1] * len(seq), [-1] * len(seq),
+                                 tok.convert_ids_to_tokens(seq), named))
+        w = max(map(len, seqs))
+        ids = torch.zeros((len(seqs), w), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            p = pos[i]
+            pad = w - len(s)
+            p.kinds += ["pad"] * pad
+            p.rows += [-1] * pad
+            p.cols += [-1] * pad
+            p.tokens += ["<pad>"] * pad
+        return Batch(ids, mask, self.pixels(images), pos)
+
+    def _module(self, site):
+        tm = self.model.text_model
+        if site == "text.embed":
+            return tm.embeddings
+        return tm.encoder.layers[int(site.split(".")[2])]
+
+    def run(self, batch, read=(), edit=None, *, skip=None, grad=False):
+        cache, handles = {}, []
+        edit, skip = dict(edit or {}), dict(skip or {})
+        for site in dict.fromkeys([*read, *edit, *skip]):
+            def hook(mod, inp, out, site=site):
+                if site in skip:
+                    out = skip[site]
+                if site in edit:
+                    out = edit[site](out)
+                if site in read:
+                    cache[site] = out
+                return out
+            handles.append(self._module(site).register_forward_hook(hook))
+        try:
+            with torch.set_grad_enabled(grad):
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.logits_per_image, cache
+
+    def readout(self, logits, batch):
+        return logits.diagonal()[:, None]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread avoids spin-waiting (~100x faster here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def clip_adapter():
+    """ClipAdapter over the tiny CLIP when interp.models.clip exists, else the hook-based MiniClip."""
+    model, tok = tiny_clip()
+    try:
+        from interp.models.clip import ClipAdapter, clip_tokenizer
+        from interp.models.organism import PREPROCESSOR
+    except ImportError:
+        return MiniClip(model.double(), tok)  # float64: CTE divides by a small margin
+    adapter = ClipAdapter(model, clip_tokenizer(WORDS), PREPROCESSOR, model_id="tiny-clip")
+    adapter.model.double()  # after its float32 load check; in place, so the hooks stay
+    return adapter
+
+
+def _image(seed):
+    return np.random.default_rng(seed).random((32, 32), dtype=np.float32)
+
+
+def _pair(positive="there is a pleural effusion .", negated="there is no pleural effusion .", seed=0):
+    f = "pleural effusion" if "pleural" in positive else positive.split()[1]
+    return C.NegationPair(_image(seed), positive, negated, {"finding": (positive.index(f), positive.index(f) + len(f))},
+                          {"finding": (negated.index(f), negated.index(f) + len(f))}, True, f"p{seed}")
+
+
+def hand_cte(model, tok, pair, pixels):
+    """Independent loop: for each hidden state l (0 = embeddings) and position p, one forward of
+    the positive text with a plain forward hook writing the negated text's state at (l, p)."""
+    def ids(text):
+        return torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]])
+
+    px = pixels([pair.image])
+    ip, ineg = ids(pair.positive), ids(pair.negated)
+    mods = [model.text_model.embeddings, *model.text_model.encoder.layers]
+    states = {}
+    hs = [m.register_forward_hook(lambda m, i, o, k=k: states.__setitem__(k, o.clone())) for k, m in enumerate(mods)]
+    with torch.no_grad():
+        neg_logit = model(input_ids=ineg, pixel_values=px).logits_per_image[0, 0].double()
+    for h in hs:
+        h.remove()
+    with torch.no_grad():
+        pos_logit = model(input_ids=ip, pixel_values=px).logits_per_image[0, 0].double()
+    s = pos_logit - neg_logit
+    out = np.zeros((len(mods), ip.shape[1]))
+    for l, m in enumerate(mods):
+        for p in range(ip.shape[1]):
+            def patch(mod, i, o, p=p, l=l):
+                o = o.clone()
+                o[0, p] = states[l][0, p]
+                return o
+            h = m.register_forward_hook(patch)
+            with torch.no_grad():
+                z = model(input_ids=ip, pixel_values=px).logits_per_image[0, 0].double()
+            h.remove()
+            out[l, p] = float((z - neg_logit) / s)
+    return out
+
+
+def test_roles_of_phantom_texts(clip_adapter):
+    b, pr, nr = C._encode_pair(clip_adapter, _pair())
+    assert nr == ["SOT", "there", "is/are", "negator", "subject_first", "subject_rest", ".", "EOT"]
+    assert C.role_map(pr, nr)["negator"] == ([3], [3])
+    # unaligned: roles map in order, negator has no counterpart
+    b, pr, nr = C._encode_pair(clip_adapter, _pair("the nodule is large .", "the nodule is not large ."))
+    m = C.role_map(pr, nr)
+    assert "negator" not in m and m["."] == ([5], [6]) and m["subject_first"] == ([2], [2])
+    with pytest.raises(InterpError, match="no negation cue"):
+        C.role_map(pr, pr)
+
+
+def test_cte_matches_hand_loop(clip_adapter):
+    pair = _pair()
+    got, margin = C.trace_pair(clip_adapter, pair)
+    want = hand_cte(clip_adapter.model, clip_adapter.tokenizer, pair, clip_adapter.pixels)
+    # aligned phantom pair: one position per role, in order
+    for k, role in enumerate(["SOT", "there", "is/are", "negator", "subject_first", "subject_rest", ".", "EOT"]):
+        np.testing.assert_allclose(got[:, C.ROLES.index(role)], want[:, k], atol=1e-5, rtol=0)
+    assert np.allclose(got[:, :3], 1.0)  # causal mask: positions before the negator carry nothing
+    assert abs(got[0, C.ROLES.index("negator")]) < 1e-6 and abs(got[-1, C.ROLES.index("EOT")]) < 1e-6
+
+
+def test_negation_trace_result_ci_and_unaligned(clip_adapter):
+    pairs = [_pair(seed=s) for s in range(3)] + [_pair("the nodule is large .", "the nodule is not large .", seed=9)]
+    res = C.negation_trace(clip_adapter, pairs)
+    assert res.values.shape == (4, 4, len(C.ROLES))
+    assert np.isnan(res.values[3, :, C.ROLES.index("negator")]).all()
+    lo, hi = res.ci(n_boot=200)
+    m = res.mean()
+    ok = np.isfinite(m)
+    assert (lo[ok] <= m[ok] + 1e-12).all() and (m[ok] <= hi[ok] + 1e-12).all()
+    noise = C.negation_trace(clip_adapter, pairs[:2], mode="noise", copies=3)
+    assert np.isnan(noise.values[:, 0]).all() and np.isfinite(noise.values[:, 1:, C.ROLES.index("EOT")]).all()
+
+
+def test_alphas_minmax_exact_and_length():
+    np.testing.assert_array_equal(C.minmax([2.0, 4.0, 3.0, 6.0]), [0.0, 0.5, 0.25, 1.0])
+    # profile index 0 = embeddings, dropped; blocks normalised among themselves
+    np.testing.assert_array_equal(C.alphas_from_profile([9.0, 1.0, 3.0, 2.0], 3), [0.0, 1.0, 0.5])
+    np.testing.assert_array_equal(C.minmax([1.0, 1.0]), [1.0, 1.0])
+    with pytest.raises(InterpError, match="length 2, but the text encoder has 3 layers"):
+        C.check_alphas([0.1, 0.2], 3)
+    assert C.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert C.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def _grads(model, tok, alphas, beta):
+    m = __import__("copy").deepcopy(model)
+    lora = apply_scaled_lora(m, alphas, beta, rank=2, seed=0)
+    with torch.no_grad():  # non-zero B so that A receives gradients too
+        for ps in lora.params.values():
+            for n, p in ps:
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    ids = torch.tensor([[2, *tok("there is no pleural effusion .", add_special_tokens=False)["input_ids"], 3]] * 2)
+    px = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = m(input_ids=ids, pixel_values=px)
+    out.logits_per_image.sum().backward()
+    return lora, {n: p.grad.clone() for ps in lora.params.values() for n, p in ps}
+
+
+def test_lora_gradients_scaled_by_alpha_beta(clip_adapter):
+    model, tok = clip_adapter.model, clip_adapter.tokenizer
+    alphas, beta = np.array([0.25, 1.0, 0.5]), 2.0
+    _, base = _grads(model, tok, None, beta)
+    lora, scaled = _grads(model, tok, alphas, beta)
+    assert set(base) == set(scaled) and len(base) == 3 * 6 * 2
+    for name, g in scaled.items():
+        _, l = __import__("interp.nast.lora", fromlist=["layer_of"]).layer_of(name)
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, base[name] * alphas[l] ** beta, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InterpError, match="alphas have length 2"):
+        apply_scaled_lora(__import__("copy").deepcopy(model), [0.5, 1.0], 1.0)
+
+
+def test_tiny_training_deterministic(clip_adapter):
+    from interp.nast.train import NastConfig, train_run
+
+    cfg = NastConfig(method="nast", beta=1.0, steps=3, batch_size=4, n_train=8, n_eval=8, rank=2, seed=3)
+    a = train_run(clip_adapter, cfg, alphas=np.array([0.2, 1.0, 0.0]), evaluate_after=False)
+    b = train_run(clip_adapter, cfg, alphas=np.array([0.2, 1.0, 0.0]), evaluate_after=False)
+    assert a.losses == b.losses and np.array_equal(a.delta_norms, b.delta_norms)
+    assert a.delta_norms[2] == 0.0 and a.delta_norms[1] > 0  # alpha 0: that block never moves
