@@ -56,16 +56,22 @@ def _aux_classes() -> list[tuple[str, str | None, str | None]]:
 #: per-patch multi-label classes of the auxiliary head: finding x side (x zone where it varies)
 AUX_CLASSES = _aux_classes()
 AUX_INDEX = {c: i for i, c in enumerate(AUX_CLASSES)}
+_GROUPS = [[i for i, c in enumerate(AUX_CLASSES) if c[0] == f] for f in FINDINGS]
+
+
+def image_logits(patch_logits: torch.Tensor) -> torch.Tensor:
+    """[b, 64, C] per-patch values -> [b, 5]: max over patches and a finding's classes."""
+    return torch.stack([patch_logits[:, :, g].flatten(1).max(1).values for g in _GROUPS], 1)
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 700  # stage-2 steps
+    steps: int = 600  # stage-2 steps
     minutes: float | None = None  # stop stage 2 on the clock instead (not deterministic)
     n_train_images: int = 1500
     # stage 1: vision tower + projector + aux head only
-    aux_steps: int = 200
+    aux_steps: int = 400
     aux_batch: int = 64
     aux_lr: float = 3e-3
     # stage 2: everything
@@ -76,6 +82,7 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.01
     aux_weight: float = 1.0
+    mil_weight: float = 0.3
     cot_fraction: float = 0.5
     kind_weights: dict = field(default_factory=lambda: {
         "presence": 2.0, "negated": 2.0, "positive": 1.0, "affirmative": 1.0, "laterality": 1.0, "zone": 1.0})
@@ -84,7 +91,7 @@ class TrainConfig:
     n_vision: int = 2
     d_lm: int = 64
     n_lm: int = 3
-    threads: int = 2
+    threads: int = 1
 
     def sizes(self) -> dict[str, int]:
         return {"d_vision": self.d_vision, "n_vision": self.n_vision, "d_lm": self.d_lm, "n_lm": self.n_lm}
@@ -213,8 +220,13 @@ class Trainer:
 
     # --- losses
     def aux_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-patch BCE plus an image-level (max over patches, multiple-instance) BCE per finding."""
         logits = self.aux_head(feats)
-        return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(4.0))
+        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(4.0))
+        if self.cfg.mil_weight:
+            loss = loss + self.cfg.mil_weight * F.binary_cross_entropy_with_logits(
+                image_logits(logits), (image_logits(labels) > 0).float())
+        return loss
 
     def sample_prompts(self, image: int, k: int) -> list:
         items = self.pool.items[image]
@@ -259,7 +271,7 @@ class Trainer:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.aux_steps, 20))
             bar = tqdm(range(cfg.aux_steps), desc="stage 1 (vision+aux)", disable=not self.progress)
             for step in bar:
-                idx = torch.from_numpy(self.rng.choice(n, cfg.aux_batch, replace=False))
+                idx = torch.from_numpy(self.rng.choice(n, min(cfg.aux_batch, n), replace=False))
                 loss = self.aux_loss(image_features(model, self.pool.pixels[idx]), self.pool.labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -284,7 +296,7 @@ class Trainer:
         for step in bar:
             if cfg.minutes is not None and time.time() - t0 > cfg.minutes * 60:
                 break
-            images = self.rng.choice(n, cfg.images_per_step, replace=False)
+            images = self.rng.choice(n, min(cfg.images_per_step, n), replace=False)
             out = self.answer_step(images)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -332,8 +344,15 @@ def greedy(model, tok, pixel_values: torch.Tensor, prompts: list[list[int]], max
         cache = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1)
         gen.append(nxt)
-    g = torch.stack(gen, 1).tolist()
-    return [tok.decode(row, skip_special_tokens=False) for row in g]
+    texts = []
+    for row in torch.stack(gen, 1).tolist():
+        words = tok.convert_ids_to_tokens(row)
+        for j in range(len(words) - 2):  # cut after the word that follows the first "answer :"
+            if words[j] == "answer" and words[j + 1] == ":":
+                words = words[: j + 3]
+                break
+        texts.append(" ".join(words))
+    return texts
 
 
 @torch.no_grad()
