@@ -48,7 +48,7 @@ class SweepConfig:
     vision_positions: str = "patch"
     copies: int = 10
     noise_scale: float = 3.0
-    batch_size: int = 512
+    batch_size: int = 128
     limit: int = 4
     min_gap: float = 0.1
     seed: int = 0
