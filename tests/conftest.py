@@ -16,6 +16,15 @@ TINY_WORDS = (
 ).split()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on 2 shared cores extra ones spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_parts():
     """(model, tokenizer): random-init organism-architecture LLaVA, seed 0, eager attention."""

@@ -29,15 +29,6 @@ N_VIS, N_LM, N_PATCH, GRID = 2, 4, 64, 8
 
 
 # --- fixtures ----------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads; on shared cores extra ones spin (2x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def batch(tiny_adapter, tiny_images):
     return tiny_adapter.encode(tiny_images, PROMPTS, SPANS)

@@ -25,15 +25,6 @@ POINTS = ("resid_pre", "attn.pattern", "attn.out", "mlp.out", "resid_post")
 SIZES = dict(d_text=32, n_text=3, d_vision=32, n_vision=2, d_embed=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids spin-waiting under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return clip_tokenizer(WORDS)

@@ -1,7 +1,6 @@
 """NAST: negation tracing (CTE vs an independent hand loop), alphas, scaled LoRA gradients, training.
 
-Runs against a random-init tiny ``CLIPModel`` (seeded) behind ``interp.models.clip.ClipAdapter``
-when that module exists, else behind a minimal hook-based wrapper defined here.
+Runs against a random-init tiny ``CLIPModel`` (seeded) behind ``interp.models.clip.ClipAdapter``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,8 @@ import pytest
 import torch
 
 from interp.errors import InterpError
-from interp.models.adapter import Batch, Positions
+from interp.models.clip import ClipAdapter, clip_tokenizer
+from interp.models.organism import PREPROCESSOR
 from interp.nast import cte as C
 from interp.nast.lora import apply_scaled_lora
 
@@ -39,99 +39,10 @@ def tiny_clip(seed: int = 0, layers: int = 3):
     return model, tok
 
 
-class MiniClip:
-    """Hook-based stand-in with the ClipAdapter interface the NAST code uses."""
-
-    name = "clip-mini"
-    model_id = "tiny-clip"
-
-    def __init__(self, model, tok):
-        self.model, self.tokenizer = model, tok
-        self.n = model.config.text_config.num_hidden_layers
-
-    def n_layers(self, tower):
-        return self.n
-
-    def pixels(self, images):
-        size = self.model.config.vision_config.image_size
-        x = torch.stack([torch.nn.functional.interpolate(torch.as_tensor(np.asarray(i, np.float32))[None, None], size=(size, size),
-                                                         mode="bilinear", align_corners=False)[0] for i in images])
-        return ((x - 0.5) / 0.25).to(self.model.dtype)
-
-    def encode(self, images, texts, spans=None):
-        tok = self.tokenizer
-        spans = spans or [{} for _ in texts]
-        enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
-        seqs, pos = [], []
-        for ids, offs, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
-            seq = [tok.bos_token_id, *ids, tok.eos_token_id]
-            named = {k: [1 + i for i, (s, e) in enumerate(offs) if s < b and e > a] for k, (a, b) in sp.items()}
-            seqs.append(seq)
-            pos.append(Positions(["special"] + ["text"] * len(ids) + ["special"], [-1] * len(seq), [-1] * len(seq),
-                                 tok.convert_ids_to_tokens(seq), named))
-        w = max(map(len, seqs))
-        ids = torch.zeros((len(seqs), w), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            p = pos[i]
-            pad = w - len(s)
-            p.kinds += ["pad"] * pad
-            p.rows += [-1] * pad
-            p.cols += [-1] * pad
-            p.tokens += ["<pad>"] * pad
-        return Batch(ids, mask, self.pixels(images), pos)
-
-    def _module(self, site):
-        tm = self.model.text_model
-        if site == "text.embed":
-            return tm.embeddings
-        return tm.encoder.layers[int(site.split(".")[2])]
-
-    def run(self, batch, read=(), edit=None, *, skip=None, grad=False):
-        cache, handles = {}, []
-        edit, skip = dict(edit or {}), dict(skip or {})
-        for site in dict.fromkeys([*read, *edit, *skip]):
-            def hook(mod, inp, out, site=site):
-                if site in skip:
-                    out = skip[site]
-                if site in edit:
-                    out = edit[site](out)
-                if site in read:
-                    cache[site] = out
-                return out
-            handles.append(self._module(site).register_forward_hook(hook))
-        try:
-            with torch.set_grad_enabled(grad):
-                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
-        finally:
-            for h in handles:
-                h.remove()
-        return out.logits_per_image, cache
-
-    def readout(self, logits, batch):
-        return logits.diagonal()[:, None]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread avoids spin-waiting (~100x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def clip_adapter():
-    """ClipAdapter over the tiny CLIP when interp.models.clip exists, else the hook-based MiniClip."""
-    model, tok = tiny_clip()
-    try:
-        from interp.models.clip import ClipAdapter, clip_tokenizer
-        from interp.models.organism import PREPROCESSOR
-    except ImportError:
-        return MiniClip(model.double(), tok)  # float64: CTE divides by a small margin
+    """ClipAdapter over the tiny CLIP, in float64: CTE divides by a small margin."""
+    model, _ = tiny_clip()
     adapter = ClipAdapter(model, clip_tokenizer(WORDS), PREPROCESSOR, model_id="tiny-clip")
     adapter.model.double()  # after its float32 load check; in place, so the hooks stay
     return adapter

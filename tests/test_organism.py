@@ -83,8 +83,8 @@ def test_shipped_metrics_recorded():
 
 
 def _tiny_run(seed: int):
-    from interp.models.train import Trainer, TrainConfig
     from interp.models.adapter import weight_hash
+    from interp.models.train import TrainConfig, Trainer
 
     cfg = TrainConfig(seed=seed, steps=25, aux_steps=5, n_train_images=12, images_per_step=4, prompts_per_image=4, warmup=3, lr=1e-2)
     t = Trainer(cfg, progress=False)

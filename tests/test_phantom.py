@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from interp.data import (
-    CONCEPTS, FINDINGS, SEVERITIES, Finding, PhantomSpec, load_image, render, sample_spec,
+    CONCEPTS,
+    FINDINGS,
+    SEVERITIES,
+    Finding,
+    PhantomSpec,
+    load_image,
+    render,
+    sample_spec,
 )
 from interp.errors import InterpError
 

@@ -386,18 +386,7 @@ class LlavaAdapter(HookedAdapter):
                     named,
                 )
             )
-        width = max(map(len, seqs))
-        input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            pad = width - len(s)
-            p = positions[i]
-            p.kinds += ["pad"] * pad
-            p.rows += [-1] * pad
-            p.cols += [-1] * pad
-            p.tokens += [tok.pad_token] * pad
+        input_ids, mask = right_pad(seqs, positions, max(map(len, seqs)), tok.pad_token_id, tok.pad_token)
         return Batch(input_ids, mask, self.pixels(images), positions)
 
     # --- execution ---------------------------------------------------------------------
@@ -408,6 +397,24 @@ class LlavaAdapter(HookedAdapter):
     def _trace_output(self):
         """``run`` returns the logits [b, s, vocab]."""
         return self.nn.output.logits.save()
+
+
+def right_pad(
+    seqs: list[list[int]], positions: list[Positions], width: int, pad_id: int, pad_token: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to ``width`` (marking pads in ``positions``); (input_ids, attention_mask)."""
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        pad = width - len(s)
+        p = positions[i]
+        p.kinds += ["pad"] * pad
+        p.rows += [-1] * pad
+        p.cols += [-1] * pad
+        p.tokens += [pad_token] * pad
+    return input_ids, mask
 
 
 def weight_hash(model: torch.nn.Module) -> str:

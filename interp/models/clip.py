@@ -31,7 +31,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from interp import sites as S
 from interp.errors import InterpError
-from interp.models.adapter import Batch, Hook, HookedAdapter, Positions
+from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, right_pad
 from interp.models.organism import IMAGE_SIZE, PATCH_SIZE, PREPROCESSOR, WEIGHTS_DIR
 from interp.models.tokenizer import word_tokenizer
 
@@ -198,18 +198,9 @@ class ClipAdapter(HookedAdapter):
             ))
         width = self.max_len if self.name == "siglip" else max(map(len, seqs))
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            pad = width - len(s)
-            p = positions[i]
-            p.kinds += ["pad"] * pad
-            p.rows += [-1] * pad
-            p.cols += [-1] * pad
-            p.tokens += [tok.pad_token or "<pad>"] * pad
-            if self.name == "siglip":
+        input_ids, mask = right_pad(seqs, positions, width, pad_id, tok.pad_token or "<pad>")
+        if self.name == "siglip":
+            for p in positions:
                 p.spans["eot"] = [width - 1]  # SigLIP pools the last position
         if self.name == "siglip":
             mask = torch.ones_like(mask)
