@@ -58,30 +58,34 @@ def test_text_span_noise_and_noop_positions(tiny_adapter, one, metric):
 
 
 def _hand_patch(model, clean_inputs, corrupt_inputs, answer, metric, layer, positions, point):
-    """Plain loop: cache the clean output of (layer, point) with a hook, write it into the corrupt run."""
+    """Plain loop: cache the clean value of (layer, point) with a hook, write it into the corrupt run."""
     blocks = model.model.language_model.layers
-    module = {"resid_post": blocks[layer], "mlp.out": blocks[layer].mlp, "attn.out": blocks[layer].self_attn}[point]
+    pre = point == "resid_pre"
+    module = {"resid_pre": blocks[layer], "resid_post": blocks[layer], "mlp.out": blocks[layer].mlp,
+              "attn.out": blocks[layer].self_attn}[point]
     store = {}
 
-    def grab(m, a, out):
-        store["v"] = (out[0] if isinstance(out, tuple) else out).clone()
+    def value(a, out):
+        return a[0] if pre else out[0] if isinstance(out, tuple) else out
 
-    def put(m, a, out):
-        h = out[0] if isinstance(out, tuple) else out
-        h[:, positions] = store["v"][:, positions]
-        return out
+    def grab(m, a, out=None):
+        store["v"] = value(a, out).clone()
 
+    def put(m, a, out=None):
+        value(a, out)[:, positions] = store["v"][:, positions]
+
+    register = module.register_forward_pre_hook if pre else module.register_forward_hook
     with torch.no_grad():
-        hd = module.register_forward_hook(grab)
+        hd = register(grab)
         model(**clean_inputs)
         hd.remove()
-        hd = module.register_forward_hook(put)
+        hd = register(put)
         logits = model(**corrupt_inputs).logits
         hd.remove()
     return float(metric(logits[:, answer])[0])
 
 
-@pytest.mark.parametrize("point", ["resid_post", "mlp.out", "attn.out"])
+@pytest.mark.parametrize("point", ["resid_pre", "resid_post", "mlp.out", "attn.out"])
 def test_pair_patching_matches_hand_loop(tiny_adapter, tiny_images, metric, point):
     """Activation patching between a negated and an affirmative prompt (and two images)."""
     clean = tiny_adapter.encode([tiny_images[0]], ["the costophrenic angles are not sharp . answer :"])

@@ -23,7 +23,7 @@ from interp.errors import InterpError
 from interp.models.adapter import Batch, LlavaAdapter
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # adapter.readout rows (LVLM: answer logits) -> [rows]
-POINTS = ("resid_post", "mlp.out", "attn.out")
+POINTS = ("resid_pre", "resid_post", "mlp.out", "attn.out")
 
 
 @dataclass(frozen=True)

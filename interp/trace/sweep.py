@@ -25,7 +25,7 @@ from interp.data.phantom import render
 from interp.data.vqa import VQADataset, VQAItem
 from interp.errors import InterpError
 from interp.models.adapter import Batch, LlavaAdapter, Positions
-from interp.trace.patching import Noise, SweepResult, metric_fn, restore_sweep
+from interp.trace.patching import POINTS, Noise, SweepResult, metric_fn, restore_sweep
 
 CANDIDATES = 4  # samples considered per sample kept (see SweepConfig.min_gap)
 MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual")}
@@ -190,8 +190,8 @@ def run_sweep(adapter: LlavaAdapter, pairs: list[Pair], cfg: SweepConfig, source
     towers: dict[tuple[str, str], list[int]] = {}
     for site in adapter.expand_sites(cfg.sites):
         s = S.parse(site)
-        if s.tower not in ("lm", "vision") or s.point not in ("resid_post", "mlp.out", "attn.out"):
-            raise InterpError(f"cannot sweep site {site!r}: sweeps restore block sites resid_post, mlp.out or attn.out")
+        if s.tower not in ("lm", "vision") or s.point not in POINTS:
+            raise InterpError(f"cannot sweep site {site!r}: sweeps restore block sites {', '.join(POINTS)}")
         towers.setdefault((s.tower, s.point), []).append(s.layer)
     if cfg.mode == "trace" and cfg.corrupt != "image":
         towers = {k: v for k, v in towers.items() if k[0] == "lm"}  # the vision tower never sees the text
