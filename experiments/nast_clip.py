@@ -85,7 +85,8 @@ def conclude(table: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from interp.nast.__main__ import load_adapter, trace_seeds
+    from interp.models import load
+    from interp.nast.cte import trace_seeds
     from interp.nast.train import NastConfig, eval_set, evaluate, train_run
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     seeds = [int(s) for s in a.seeds.split(",")]
     betas = [float(b) for b in a.betas.split(",")]
-    adapter = load_adapter(a.model)
+    adapter = load(a.model)
 
     print("tracing ...", flush=True)
     per_seed, pooled, stab, alphas = trace_seeds(adapter, seeds, a.trace_images, aggregate=a.aggregate, limit=a.trace_limit)

@@ -195,3 +195,19 @@ def test_cli_end_to_end(organism_dir, tmp_path, capsys):
     assert float(vision.mask_fraction.max()) > 0
     html = (out / "report.html").read_text()
     assert "Plotly" in html and "<script src=\"http" not in html
+
+
+def test_cli_nast_mode(organism_dir, tmp_path, capsys):
+    """NAST tracing of the shipped CLIP organism: CTE of the negator at the embeddings is 0 by construction."""
+    import json
+
+    assert main(["--layer-sweep", "--mode", "nast", "--model", str(organism_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "traces a text encoder" in capsys.readouterr().err
+    out = tmp_path / "nast"
+    assert main(["--layer-sweep", "--mode", "nast", "--limit", "2", "--out", str(out)]) == 0
+    pooled = json.loads((out / "cte.json").read_text())["pooled"]
+    negator = pooled["roles"].index("negator")
+    assert pooled["mean"][0][negator] == pytest.approx(0.0, abs=1e-6)  # the cue itself swapped at layer 0
+    assert pooled["mean"][0][pooled["roles"].index("SOT")] == pytest.approx(1.0, abs=1e-6)  # identical tokens
+    assert len(json.loads((out / "alphas.json").read_text())["alphas"]) == 4
+    assert "Negation tracing" in (out / "report.html").read_text()

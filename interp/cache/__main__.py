@@ -18,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from interp.cache.store import DTYPES, KIND_CODES, CacheWriter, remove_store
-from interp.data.phantom import CONFOUNDERS, FINDINGS
 from interp.data.catalog import BUILTIN, load_dataset
+from interp.data.phantom import CONFOUNDERS, FINDINGS
 from interp.data.vqa import VQADataset, VQAItem
 from interp.errors import InterpError
 from interp.sites import parse

@@ -34,10 +34,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import xarray as xr
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import ZstdCodec
 
 from interp import __version__

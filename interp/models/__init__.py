@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from interp.errors import InterpError
 from interp.models.adapter import Adapter, Batch, Hook, LlavaAdapter, Positions
 from interp.models.organism import LVLM_DIR

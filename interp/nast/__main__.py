@@ -21,29 +21,9 @@ import numpy as np
 from interp.errors import InterpError
 
 
-def load_adapter(model: str):
-    from interp.models import load
-
-    return load(model)
-
-
-def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes=("presence", "laterality"),
-                aggregate: str = "max", min_margin: float = 0.1, limit: int | None = None, split: str = "val"):
-    """CTE per data seed, their pooled result, the per-seed profiles' rank stability, and alphas."""
-    from interp.nast.cte import CTEResult, alphas_from_cte, negation_pairs, negation_trace, seed_stability
-
-    results = []
-    for s in seeds:
-        pairs = negation_pairs(n_images, s, split, attributes=attributes, limit=limit)
-        results.append(negation_trace(adapter, pairs, min_margin=min_margin))
-    pooled = CTEResult(np.concatenate([r.values for r in results]), np.concatenate([r.margin for r in results]), "nast",
-                       results[0].roles, [i for r in results for i in r.ids],
-                       {**results[0].meta, "seeds": list(seeds), "dropped": sum(r.meta["dropped"] for r in results)})
-    stab = seed_stability([r.profile(aggregate) for r in results])
-    return results, pooled, stab, alphas_from_cte(pooled, aggregate)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from interp.models import load
+    from interp.nast.cte import trace_seeds
     from interp.nast.train import NastConfig
 
     p = argparse.ArgumentParser(prog="python -m interp.nast", description=__doc__.split("\n")[0])
@@ -68,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "trace":
-            adapter = load_adapter(args.model)
+            adapter = load(args.model)
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             results, pooled, stab, alphas = trace_seeds(adapter, seeds, args.n_images, aggregate=args.aggregate,
                                                         min_margin=args.min_margin, limit=args.limit)
@@ -91,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     alphas = json.loads(Path(args.alphas).read_text())["alphas"]
                 except (OSError, ValueError, KeyError) as e:
                     raise InterpError(f"cannot read alphas from {args.alphas}: {e!r}") from None
-            res = train_run(load_adapter(cfg.model), cfg, alphas, progress=True)
+            res = train_run(load(cfg.model), cfg, alphas, progress=True)
             print(json.dumps(res.metrics, indent=1))
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

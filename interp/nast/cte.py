@@ -438,3 +438,18 @@ def seed_stability(profiles: Sequence[Sequence[float]]) -> dict:
     rs = {f"{i}-{j}": spearman(profiles[i], profiles[j]) for i in range(len(profiles)) for j in range(i + 1, len(profiles))}
     vals = [v for v in rs.values() if np.isfinite(v)]
     return {"pairwise": rs, "mean": float(np.mean(vals)) if vals else float("nan")}
+
+
+def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes=("presence", "laterality"),
+                aggregate: str = "max", min_margin: float = 0.1, limit: int | None = None, split: str = "val",
+                mode: str = "nast"):
+    """CTE per data seed, their pooled result, the per-seed profiles' rank stability, and alphas."""
+    results = []
+    for s in seeds:
+        pairs = negation_pairs(n_images, s, split, attributes=attributes, limit=limit)
+        results.append(negation_trace(adapter, pairs, mode=mode, min_margin=min_margin))
+    pooled = CTEResult(np.concatenate([r.values for r in results]), np.concatenate([r.margin for r in results]), mode,
+                       results[0].roles, [i for r in results for i in r.ids],
+                       {**results[0].meta, "seeds": list(seeds), "dropped": sum(r.meta["dropped"] for r in results)})
+    stab = seed_stability([r.profile(aggregate) for r in results])
+    return results, pooled, stab, alphas_from_cte(pooled, aggregate)

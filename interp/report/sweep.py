@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
-from plotly.subplots import make_subplots
 from PIL import Image
+from plotly.subplots import make_subplots
 
 from interp.report.html import esc, figure_divs, meta_list, table, write_page
 

@@ -9,7 +9,10 @@ entering the LM for the LM) or on a named text span, then clean states restored 
 ``patch``: activation patching from a clean input into its pair - ``negation`` (the negated
 statement into "there is a ..."), ``counterfactual`` (the image into the same image with the
 finding removed). Writes ``<out>/sweep.zarr`` (effects [sample, layer, position] per tower) and
-``<out>/report.html``. Bad input: one line on stderr, exit code 2, nothing written.
+``<out>/report.html``. ``nast``: NAST's tracing of a CLIP-style text encoder (default: the CLIP
+organism) - the negated text's states patched into the positive text's per layer and token role,
+CTE = s_traced / s - written to ``<out>/cte.json``, ``alphas.json`` and ``report.html``.
+Bad input: one line on stderr, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from typing import Sequence
 from interp.errors import InterpError
 from interp.trace.sweep import MODES, SweepConfig
 
+NAST_IMAGES = 48  # phantoms per data seed in --mode nast
+
 HELP = {
     "model": "model id or checkpoint folder ('organism' = the embedded one)",
     "data": "saved VQA data set (.json) or phantom-{train,val,test}",
     "image": "trace one image file (PNG/JPEG/DICOM) instead of a data set; needs --prompt",
     "prompt": "the prompt for --image; its answer is the model's own top prediction",
     "sites": "sites to sweep (globs); tower and point come from the names",
-    "mode": "trace (noise + restore, ROME) or patch (paired inputs)",
-    "corrupt": f"trace: {', '.join(MODES['trace'])}; patch: {', '.join(MODES['patch'])}",
+    "mode": "trace (noise + restore, ROME), patch (paired inputs) or nast (CLIP text-encoder negation tracing)",
+    "corrupt": "; ".join(f"{m}: {', '.join(c)}" for m, c in MODES.items()) + " (first = default)",
     "metric": "prob, logprob or logit_diff (answer minus best alternative answer)",
     "window": "restore this many consecutive layers centred on each layer (ROME's window)",
     "lm_positions": "token (every position) or span (named spans: image, question, finding, ...)",
@@ -61,6 +66,33 @@ def parse_args(argv: Sequence[str] | None) -> SweepConfig:
     return SweepConfig(**args)
 
 
+def nast_sweep(cfg: SweepConfig) -> int:
+    """NAST's text-encoder tracing on a CLIP-style model over phantom claim pairs, 3 data seeds."""
+    import json
+
+    from interp.models import load
+    from interp.nast.cte import trace_seeds
+    from interp.report.negation import write_cte_report
+
+    adapter = load("clip-organism" if cfg.model == "organism" else cfg.model, device=cfg.device)
+    if "text" not in {s.split(".")[0] for s in adapter.sites}:
+        raise InterpError(f"--mode nast traces a text encoder: {cfg.model} has none (use a CLIP-style model)")
+    seeds = [cfg.seed, cfg.seed + 1, cfg.seed + 2]
+    results, pooled, stab, alphas = trace_seeds(adapter, seeds, NAST_IMAGES, limit=cfg.limit,
+                                                mode="nast" if cfg.corrupt == "negation" else "noise")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cte.json").write_text(json.dumps({"pooled": pooled.to_dict(), "stability": stab,
+                                              "per_seed": [r.to_dict(n_boot=200) for r in results]}, indent=1))
+    (out / "alphas.json").write_text(json.dumps({"alphas": alphas.tolist(), "model": adapter.model_id}, indent=1))
+    write_cte_report(pooled, stab, alphas, out / "report.html", f"Negation tracing ({pooled.mode}): {adapter.model_id}")
+    print(f"{len(pooled.values)} pairs over seeds {seeds}; per-layer profile rank correlation between seeds "
+          f"{stab['mean']:.3f}; alphas {[round(float(a), 3) for a in alphas]}")
+    for name in ("cte.json", "alphas.json", "report.html"):
+        print(f"{name}: {out / name}")
+    return 0
+
+
 def file_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -74,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from interp.report import write_sweep_report
         from interp.trace.sweep import image_pair, run_sweep, select_pairs
 
+        if cfg.mode == "nast":
+            return nast_sweep(cfg)
         adapter = load(cfg.model, device=cfg.device)
         if cfg.image:
             pairs, source = [image_pair(adapter, cfg.image, cfg.prompt)], (cfg.image, file_hash(cfg.image))

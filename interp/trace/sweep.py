@@ -28,7 +28,8 @@ from interp.models.adapter import Batch, LlavaAdapter, Positions
 from interp.trace.patching import POINTS, Noise, SweepResult, metric_fn, restore_sweep
 
 CANDIDATES = 4  # samples considered per sample kept (see SweepConfig.min_gap)
-MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual")}
+MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual"),
+         "nast": ("negation", "noise")}
 
 
 @dataclass
@@ -41,7 +42,7 @@ class SweepConfig:
     prompt: str = ""
     sites: str = "vision.blocks.*.resid_post,lm.blocks.*.resid_post"
     mode: str = "trace"
-    corrupt: str = "image"
+    corrupt: str = ""  # empty: the mode's first choice (image / negation / negation)
     metric: str = "prob"
     window: int = 1
     lm_positions: str = "token"
@@ -55,13 +56,16 @@ class SweepConfig:
     device: str = "cpu"
     out: str = "reports/layer-sweep"
 
+    def __post_init__(self) -> None:
+        self.corrupt = self.corrupt or MODES.get(self.mode, ("",))[0]
+
     def block(self, tower: str) -> int:
         """Patches per side of one restored vision group (1 = per patch)."""
         return 1 if tower == "lm" or self.vision_positions == "patch" else int(self.vision_positions[5:])
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise InterpError(f"unknown mode {self.mode!r}: choose trace or patch")
+            raise InterpError(f"unknown mode {self.mode!r}: choose {', '.join(MODES)}")
         if self.corrupt not in MODES[self.mode]:
             raise InterpError(f"--corrupt {self.corrupt!r} does not go with --mode {self.mode}: choose one of {', '.join(MODES[self.mode])}")
         if self.lm_positions not in ("token", "span"):
