@@ -320,13 +320,7 @@ class LlavaAdapter(HookedAdapter):
             if tower == "lm":
                 hooks["projector.out"] = Hook("model.multi_modal_projector")
                 hooks["lm.embed"] = Hook(f"{root}.0", "input")
-            for l in range(n):
-                layer = f"{root}.{l}"
-                hooks[f"{tower}.blocks.{l}.resid_pre"] = Hook(layer, "input")
-                hooks[f"{tower}.blocks.{l}.attn.pattern"] = Hook(f"{layer}.self_attn", "output", 1)
-                hooks[f"{tower}.blocks.{l}.attn.out"] = Hook(f"{layer}.self_attn", "output", 0)
-                hooks[f"{tower}.blocks.{l}.mlp.out"] = Hook(f"{layer}.mlp")
-                hooks[f"{tower}.blocks.{l}.resid_post"] = Hook(layer)
+            hooks.update(block_hooks(tower, root, n))
         hooks["lm.logits"] = Hook("lm_head")
         return hooks
 
@@ -397,6 +391,19 @@ class LlavaAdapter(HookedAdapter):
     def _trace_output(self):
         """``run`` returns the logits [b, s, vocab]."""
         return self.nn.output.logits.save()
+
+
+def block_hooks(tower: str, root: str, n_layers: int) -> dict[str, Hook]:
+    """Sites of HF transformer blocks ``<root>.<l>`` with ``self_attn`` and ``mlp`` children, in execution order."""
+    hooks: dict[str, Hook] = {}
+    for l in range(n_layers):
+        layer = f"{root}.{l}"
+        hooks[f"{tower}.blocks.{l}.resid_pre"] = Hook(layer, "input")
+        hooks[f"{tower}.blocks.{l}.attn.pattern"] = Hook(f"{layer}.self_attn", "output", 1)
+        hooks[f"{tower}.blocks.{l}.attn.out"] = Hook(f"{layer}.self_attn", "output", 0)
+        hooks[f"{tower}.blocks.{l}.mlp.out"] = Hook(f"{layer}.mlp")
+        hooks[f"{tower}.blocks.{l}.resid_post"] = Hook(layer)
+    return hooks
 
 
 def right_pad(

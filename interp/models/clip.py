@@ -31,7 +31,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from interp import sites as S
 from interp.errors import InterpError
-from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, right_pad
+from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, block_hooks, right_pad
 from interp.models.organism import IMAGE_SIZE, PATCH_SIZE, PREPROCESSOR, WEIGHTS_DIR
 from interp.models.tokenizer import word_tokenizer
 
@@ -74,13 +74,7 @@ class ClipAdapter(HookedAdapter):
         groups: dict[str, dict[str, Hook]] = {}
         for tower, root, cfg in (("vision", "vision_model", self.vision_config), ("text", "text_model", self.text_config)):
             hooks = {f"{tower}.embed": Hook(f"{root}.embeddings")}
-            for l in range(cfg.num_hidden_layers):
-                layer = f"{root}.encoder.layers.{l}"
-                hooks[f"{tower}.blocks.{l}.resid_pre"] = Hook(layer, "input")
-                hooks[f"{tower}.blocks.{l}.attn.pattern"] = Hook(f"{layer}.self_attn", "output", 1)
-                hooks[f"{tower}.blocks.{l}.attn.out"] = Hook(f"{layer}.self_attn", "output", 0)
-                hooks[f"{tower}.blocks.{l}.mlp.out"] = Hook(f"{layer}.mlp")
-                hooks[f"{tower}.blocks.{l}.resid_post"] = Hook(layer)
+            hooks.update(block_hooks(tower, f"{root}.encoder.layers", cfg.num_hidden_layers))
             hooks[f"{tower}.pooled"] = Hook(pooled[tower])
             groups[tower] = hooks
         hooks = {**groups["vision"], **groups["text"]}
