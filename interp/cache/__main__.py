@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from interp.cache.store import DTYPES, KIND_CODES, CacheWriter, remove_store
 from interp.data.catalog import BUILTIN, load_dataset
@@ -143,6 +144,7 @@ def cache(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()  # keep stderr to our own bars and one-line errors
     try:
         out = cache(args)
     except InterpError as e:

@@ -26,6 +26,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
+from transformers.utils import logging as hf_logging
+
 from interp.errors import InterpError
 from interp.trace.sweep import MODES, SweepConfig
 
@@ -99,6 +101,7 @@ def file_hash(path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    hf_logging.disable_progress_bar()  # keep stderr to our own bars and one-line errors
     try:
         cfg.validate()
         from interp.data.catalog import load_dataset
