@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from interp.errors import InterpError
-from interp.models.adapter import Batch, LlavaAdapter
+from interp.models.adapter import Adapter, Batch
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # adapter.readout rows (LVLM: answer logits) -> [rows]
 POINTS = ("resid_pre", "resid_post", "mlp.out", "attn.out")
@@ -85,7 +85,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 
 
 def restore_sweep(
-    adapter: LlavaAdapter,
+    adapter: Adapter,
     clean: Batch,
     corrupt: Batch,
     metric: Metric,
@@ -96,7 +96,7 @@ def restore_sweep(
     point: str = "resid_post",
     window: int = 1,
     noise: Noise | None = None,
-    batch_size: int = 512,
+    batch_size: int = 128,
 ) -> SweepResult:
     """Restore clean states at every (layer, position group) of ``tower`` into the corrupted run.
 
