@@ -23,7 +23,7 @@ from interp.models import load
 from interp.models.organism import LVLM_DIR
 from interp.trace.patching import Noise, metric_fn, restore_sweep
 from interp.trace.reference import reference_trace
-from interp.trace.sweep import SweepConfig, noise_std, noised, position_groups, select_pairs
+from interp.trace.sweep import NOISE_SITE, SweepConfig, noise_std, noised, position_groups, select_pairs
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     print(f"model {adapter.model_id} ({adapter.weight_hash}), {len(pairs)} samples, {cfg.copies} noise copies, "
           f"torch threads {torch.get_num_threads()}")
     for tower in args.towers.split(","):
-        site = "vision.embed" if tower == "vision" else "lm.embed"
+        site = NOISE_SITE[tower]
         std = cfg.noise_scale * noise_std(adapter, [(b, noised(adapter, tower, b, "image")) for b in batches], site)
         layers = list(range(adapter.n_layers(tower)))
         t_sweep = t_loop = diff = 0.0

@@ -27,6 +27,7 @@ from interp.errors import InterpError
 from interp.models.adapter import Batch, LlavaAdapter, Positions
 from interp.trace.patching import POINTS, Noise, SweepResult, metric_fn, restore_sweep
 
+NOISE_SITE = {"vision": "vision.embed", "lm": "lm.embed"}  # where trace mode's noise goes, per swept tower
 CANDIDATES = 4  # samples considered per sample kept (see SweepConfig.min_gap)
 MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual"),
          "nast": ("negation", "noise")}
@@ -207,27 +208,33 @@ def run_sweep(adapter: LlavaAdapter, pairs: list[Pair], cfg: SweepConfig, source
          adapter.encode([p.corrupt_image], [p.corrupt_prompt], [p.corrupt_spans]).to(cfg.device))
         for p in candidates
     ]
+    swept = list(dict.fromkeys(tower for tower, _ in towers))
     stds = {tower: cfg.noise_scale * noise_std(adapter, [(c, noised(adapter, tower, c, cfg.corrupt)) for c, _ in encoded],
-                                               "vision.embed" if tower == "vision" else "lm.embed")
-            for tower, _ in towers} if cfg.mode == "trace" else {}
+                                               NOISE_SITE[tower])
+            for tower in swept} if cfg.mode == "trace" else {}
 
     def sweep(i: int, tower: str, layers: list[int], groups: list[list[int]], point: str = "resid_post") -> SweepResult:
         p, (clean, corrupt) = candidates[i], encoded[i]
         ids = adapter.tokenizer.convert_tokens_to_ids([p.item.answer, *p.alternatives])
-        noise = Noise("vision.embed" if tower == "vision" else "lm.embed", tuple(noised(adapter, tower, clean, cfg.corrupt)),
+        noise = Noise(NOISE_SITE[tower], tuple(noised(adapter, tower, clean, cfg.corrupt)),
                       stds[tower], cfg.copies, cfg.seed) if stds else None
         return restore_sweep(adapter, clean, corrupt, metric_fn(cfg.metric, ids[0], ids[1:]), tower=tower, layers=layers,
                              groups=groups, point=point, window=cfg.window, noise=noise, batch_size=cfg.batch_size)
 
     # ROME keeps cases the corruption actually changes: tiny gaps make normalised effects noise
-    kept = [i for i in range(len(candidates))
-            if all(abs(r.clean - r.corrupted) >= cfg.min_gap for r in (sweep(i, t, [], [[0]]) for t, _ in towers))]
-    kept = kept[: cfg.limit]
+    kept: list[int] = []
+    checked = 0
+    for i in range(len(candidates)):  # clean + corrupted runs only (no layers), until `limit` pass
+        if len(kept) == cfg.limit:
+            break
+        checked += 1
+        if all(abs(r.clean - r.corrupted) >= cfg.min_gap for r in (sweep(i, t, [], [[0]]) for t in swept)):
+            kept.append(i)
     if not kept:
         raise InterpError(f"no sample among {len(candidates)} where the corruption moves the {cfg.metric} by >= "
                           f"{cfg.min_gap}: lower --min-gap or check the model")
-    if len(kept) < len(candidates):
-        print(f"kept {len(kept)} of {len(candidates)} candidate samples (corruption gap >= {cfg.min_gap})", file=sys.stderr)
+    if len(kept) < checked:
+        print(f"kept {len(kept)} of {checked} candidate samples (corruption gap >= {cfg.min_gap})", file=sys.stderr)
     out: dict[str, xr.Dataset] = {}
     for (tower, point), layers in towers.items():
         rows = []
