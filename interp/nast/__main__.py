@@ -23,7 +23,7 @@ from interp.errors import InterpError
 
 def main(argv: Sequence[str] | None = None) -> int:
     from interp.models import load
-    from interp.nast.cte import trace_seeds
+    from interp.nast.cte import save_trace, trace_seeds
     from interp.nast.train import NastConfig
 
     p = argparse.ArgumentParser(prog="python -m interp.nast", description=__doc__.split("\n")[0])
@@ -52,15 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             results, pooled, stab, alphas = trace_seeds(adapter, seeds, args.n_images, aggregate=args.aggregate,
                                                         min_margin=args.min_margin, limit=args.limit)
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "cte.json").write_text(json.dumps({"pooled": pooled.to_dict(), "stability": stab,
-                                                      "per_seed": [r.to_dict(n_boot=200) for r in results]}, indent=1))
-            (out / "alphas.json").write_text(json.dumps({"alphas": alphas.tolist(), "aggregate": args.aggregate,
-                                                         "model": args.model}, indent=1))
+            cte, alpha = save_trace(args.out, results, pooled, stab, alphas, args.model, args.aggregate)
             print(f"profile ({args.aggregate}): {np.round(pooled.profile(args.aggregate), 3).tolist()}")
             print(f"alphas: {np.round(alphas, 3).tolist()}  seed rank correlation: {stab['mean']:.3f}")
-            print(f"wrote {out / 'cte.json'} and {out / 'alphas.json'}")
+            print(f"wrote {cte} and {alpha}")
         else:
             from interp.nast.train import train_run
 

@@ -38,9 +38,11 @@ least causal block gets alpha 0 (no update) and the most causal alpha 1.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -453,3 +455,15 @@ def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes=("pr
                        {**results[0].meta, "seeds": list(seeds), "dropped": sum(r.meta["dropped"] for r in results)})
     stab = seed_stability([r.profile(aggregate) for r in results])
     return results, pooled, stab, alphas_from_cte(pooled, aggregate)
+
+
+def save_trace(out: str | Path, results: Sequence[CTEResult], pooled: CTEResult, stability: dict, alphas: np.ndarray,
+               model: str, aggregate: str = "max") -> tuple[Path, Path]:
+    """Write ``cte.json`` (pooled + per-seed CTE with CIs, seed stability) and ``alphas.json`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cte, alpha = out / "cte.json", out / "alphas.json"
+    cte.write_text(json.dumps({"pooled": pooled.to_dict(), "stability": stability,
+                               "per_seed": [r.to_dict(n_boot=200) for r in results]}, indent=1))
+    alpha.write_text(json.dumps({"alphas": np.asarray(alphas).tolist(), "aggregate": aggregate, "model": model}, indent=1))
+    return cte, alpha

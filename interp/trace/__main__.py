@@ -70,10 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> SweepConfig:
 
 def nast_sweep(cfg: SweepConfig) -> int:
     """NAST's text-encoder tracing on a CLIP-style model over phantom claim pairs, 3 data seeds."""
-    import json
-
     from interp.models import load
-    from interp.nast.cte import trace_seeds
+    from interp.nast.cte import save_trace, trace_seeds
     from interp.report.negation import write_cte_report
 
     adapter = load("clip-organism" if cfg.model == "organism" else cfg.model, device=cfg.device)
@@ -83,10 +81,7 @@ def nast_sweep(cfg: SweepConfig) -> int:
     results, pooled, stab, alphas = trace_seeds(adapter, seeds, NAST_IMAGES, limit=cfg.limit,
                                                 mode="nast" if cfg.corrupt == "negation" else "noise")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cte.json").write_text(json.dumps({"pooled": pooled.to_dict(), "stability": stab,
-                                              "per_seed": [r.to_dict(n_boot=200) for r in results]}, indent=1))
-    (out / "alphas.json").write_text(json.dumps({"alphas": alphas.tolist(), "model": adapter.model_id}, indent=1))
+    save_trace(out, results, pooled, stab, alphas, adapter.model_id)
     write_cte_report(pooled, stab, alphas, out / "report.html", f"Negation tracing ({pooled.mode}): {adapter.model_id}")
     print(f"{len(pooled.values)} pairs over seeds {seeds}; per-layer profile rank correlation between seeds "
           f"{stab['mean']:.3f}; alphas {[round(float(a), 3) for a in alphas]}")
