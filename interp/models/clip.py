@@ -20,36 +20,38 @@ interp.models.train_clip`` and shipped under ``interp/models/weights/clip``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
 from interp import sites as S
 from interp.errors import InterpError
-from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, block_hooks, right_pad
-from interp.models.organism import IMAGE_SIZE, PATCH_SIZE, PREPROCESSOR, WEIGHTS_DIR
+from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, block_hooks, grid_positions, right_pad
+from interp.models.lvlm import Frame, ImageInputs, identity_resize_kwargs, image_arrays, load_processor
+from interp.models.organism import IMAGE_SIZE, PATCH_SIZE, WEIGHTS_DIR, image_processor
 from interp.models.tokenizer import word_tokenizer
 
 CLIP_DIR = WEIGHTS_DIR / "clip"
 TOWERS = ("vision", "text")
 
 
-class ClipAdapter(HookedAdapter):
+class ClipAdapter(ImageInputs, HookedAdapter):
     """Dual encoders (transformers ``CLIPModel``, ``SiglipModel``) over the site grammar."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, preprocess: Mapping, model_id: str) -> None:
+    towers = TOWERS
+
+    def __init__(self, model: torch.nn.Module, processor, model_id: str) -> None:
         cfg = model.config
         if cfg.model_type not in ("clip", "siglip"):
             raise InterpError(f"ClipAdapter takes CLIPModel or SiglipModel, got model_type {cfg.model_type!r}")
         self.name = cfg.model_type
         self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.preprocess = dict(preprocess)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
         self.model_id = model_id
         self.vision_config, self.text_config = cfg.vision_config, cfg.text_config
         side = self.vision_config.image_size // self.vision_config.patch_size
@@ -116,17 +118,23 @@ class ClipAdapter(HookedAdapter):
         """nnterp-style load check: every site has the shape ``site_shape`` gives, each block's resid_pre
         is the previous block's resid_post, and the pooled sites reproduce the model's logit."""
         batch = self._dummy()
-        self._check_sites(batch, batch.input_ids.shape[1])
+        self._check_sites(batch)
         logits, cache = self.run(batch, read=["vision.pooled", "text.pooled"])
         want = self.logit(cache["vision.pooled"], cache["text.pooled"])
         if not torch.allclose(self.readout(logits, batch)[:, 0], want, atol=1e-4, rtol=1e-4):
             raise InterpError(f"pooled sites of {self.model_id} do not reproduce its logits: wrong hook module?")
 
-    def n_layers(self, tower: str) -> int:
-        """Number of blocks of ``tower`` (``vision`` or ``text``)."""
-        if tower not in TOWERS:
-            raise InterpError(f"unknown tower {tower!r} for {self.name}: vision or text")
-        return (self.vision_config if tower == "vision" else self.text_config).num_hidden_layers
+    @classmethod
+    def from_pretrained(cls, src: str | Path, model_id: str, *, device: str = "cpu", trust_remote_code: bool = False):
+        """A CLIP/SigLIP checkpoint folder or HF id (safetensors only, eager attention, its own processor)."""
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                          attn_implementation="eager").to(device)
+        return cls(model, load_processor(src, model_id, trust_remote_code), model_id)
+
+    def processor_kwargs(self, image: np.ndarray) -> dict:
+        return identity_resize_kwargs(self.image_processor, image)
 
     def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
         """Shape of one sample's value at ``site`` for a text sequence of ``seq_len`` tokens."""
@@ -137,14 +145,24 @@ class ClipAdapter(HookedAdapter):
         n = self.n_patches + self.has_cls if s.tower == "vision" else seq_len
         return (cfg.num_attention_heads, n, n) if s.point == "attn.pattern" else (n, cfg.hidden_size)
 
-    def vision_positions(self) -> Positions:
-        """Positions of vision-tower sites: the CLS token (CLIP only), then patches in row-major order."""
-        rows, cols = np.divmod(np.arange(self.n_patches), self.grid[1])
-        c = int(self.has_cls)
-        return Positions(
-            ["special"] * c + ["image"] * self.n_patches, [-1] * c + rows.tolist(), [-1] * c + cols.tolist(),
-            ["<cls>"] * c + ["<patch>"] * self.n_patches, {"image": list(range(c, c + self.n_patches))},
-        )
+    def vision_positions(self, batch: Batch | None = None) -> list[Positions]:
+        """Per row, the vision tower's sequence: the CLS token (CLIP only), then patches in row-major
+        order, with boxes in the input image's pixels (model pixels without a batch)."""
+        side, p = self.vision_config.image_size, self.vision_config.patch_size
+        frames = batch.frames if batch is not None and batch.frames else [Frame((side, side))]
+        return [grid_positions(*self.grid, lambda r, c, f=f: f.cell(r, c, p, p), cls=self.has_cls) for f in frames]
+
+    def frame(self, image: np.ndarray) -> Frame:
+        """Resize (shortest edge, or to a fixed size) then an optional centre crop, as the image processor does."""
+        h, w = image.shape[:2]
+        ip, size = self.image_processor, self.image_processor.size
+        if "shortest_edge" in size:
+            s = size["shortest_edge"]
+            to = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        else:
+            to = (size["height"], size["width"])
+        crop = (ip.crop_size["height"], ip.crop_size["width"]) if getattr(ip, "do_center_crop", False) else None
+        return Frame.resize((h, w), to, crop)
 
     # --- inputs ------------------------------------------------------------------------
     def encode(
@@ -198,7 +216,9 @@ class ClipAdapter(HookedAdapter):
                 p.spans["eot"] = [width - 1]  # SigLIP pools the last position
         if self.name == "siglip":
             mask = torch.ones_like(mask)
-        return Batch(input_ids, mask, self.pixels(images), positions)
+        arrays = image_arrays(images, self.channels)
+        return Batch({"input_ids": input_ids, "attention_mask": mask, "pixel_values": self.pixels(arrays)}, positions,
+                     frames=[self.frame(a) for a in arrays])
 
     # --- execution ---------------------------------------------------------------------
     def _check_run(self, batch: Batch, names: list[str]) -> None:
@@ -294,23 +314,15 @@ def build_clip_organism(seed: int = 0, **sizes: int) -> tuple[CLIPModel, PreTrai
     return model.eval(), tok
 
 
+def clip_processor(tokenizer: PreTrainedTokenizerFast) -> CLIPProcessor:
+    """The CLIP organism's processor: grey 64 x 64 images, the organism's normalisation."""
+    return CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer)
+
+
 def save_clip_organism(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, path: str | Path = CLIP_DIR) -> Path:
-    """Save as a real checkpoint folder: safetensors + config + tokenizer + preprocessing."""
+    """Save as a real checkpoint folder: safetensors + config + processor (image processor + tokenizer)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    clip_processor(tokenizer).save_pretrained(path)
     return path
-
-
-def load_dual_encoder(src: str | Path, model_id: str, *, device: str = "cpu", trust_remote_code: bool = False) -> ClipAdapter:
-    """A CLIP/SigLIP checkpoint folder or HF id -> ``ClipAdapter`` (safetensors only, eager attention)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    model = AutoModel.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                      attn_implementation="eager").to(device)
-    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    pre = Path(src) / "preprocessor_config.json"
-    preprocess = json.loads(pre.read_text()) if pre.is_file() else {}
-    return ClipAdapter(model, tokenizer, preprocess, model_id=model_id)

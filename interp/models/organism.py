@@ -7,11 +7,11 @@ safetensors + config + tokenizer under ``interp/models/weights/lvlm``, loaded th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                          PreTrainedTokenizerFast)
 
 from interp.models.tokenizer import word_tokenizer
 
@@ -19,7 +19,10 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 LVLM_DIR = WEIGHTS_DIR / "lvlm"
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
-PREPROCESSOR = {"image_size": IMAGE_SIZE, "image_mean": [0.5], "image_std": [0.25], "num_channels": 1}
+IMAGE_MEAN, IMAGE_STD = [0.5], [0.25]  # one grey channel
+# the organism's chat template: BOS, the image, then the prompt verbatim (its training sequence)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+                 "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
 
 
 def organism_config(vocab_size: int, *, d_vision: int = 64, n_vision: int = 2, d_lm: int = 128, n_lm: int = 4) -> LlavaConfig:
@@ -55,10 +58,24 @@ def build_organism(seed: int = 0, **sizes: int) -> tuple[LlavaForConditionalGene
     return model.eval(), tok
 
 
+def image_processor(size: int = IMAGE_SIZE, mean: list[float] = IMAGE_MEAN, std: list[float] = IMAGE_STD):
+    """CLIP-style image processor (PIL backend) for grey ``size`` x ``size`` inputs."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                 image_mean=mean, image_std=std, do_convert_rgb=False)
+
+
+def organism_processor(tokenizer: PreTrainedTokenizerFast, chat_template: str = CHAT_TEMPLATE) -> LlavaProcessor:
+    """The organism's processor: the image processor, the tokenizer and the chat template."""
+    return LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=chat_template)
+
+
 def save_organism(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
-    """Save as a real checkpoint folder: safetensors + config + tokenizer + preprocessing."""
+    """Save as a real checkpoint folder: safetensors + config + processor (image processor, tokenizer, chat template)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    organism_processor(tokenizer).save_pretrained(path)

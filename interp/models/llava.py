@@ -1,0 +1,91 @@
+"""LLaVA (transformers ``LlavaForConditionalGeneration``): CLIP-style vision tower, projector, causal LM.
+
+Image tokens map 1:1 onto the vision tower's patches (plus CLS with
+``vision_feature_select_strategy="full"``); the processor resizes the shortest edge and centre-crops.
+Sites: ``vision.embed``, ``vision.blocks.{l}.*``, ``projector.out``, ``lm.embed`` (the LM's input
+after image features are merged), ``lm.blocks.{l}.*``, ``lm.logits``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from interp import sites as S
+from interp.errors import InterpError
+from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions
+from interp.models.lvlm import Frame, ProcessorAdapter, identity_resize_kwargs
+
+
+class LlavaAdapter(ProcessorAdapter):
+    """LLaVA-1.5-style models (LLaVA-Med included)."""
+
+    name = "llava"
+    model_class = LlavaForConditionalGeneration
+
+    def __init__(self, model: torch.nn.Module, processor, model_id: str) -> None:
+        cfg = model.config
+        self.vision_config, self.text_config = cfg.vision_config, cfg.text_config
+        if cfg.vision_feature_select_strategy not in ("default", "full"):
+            raise InterpError(f"unsupported vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+        self.patch = self.vision_config.patch_size
+        side = self.vision_config.image_size // self.patch
+        self.grid = (side, side)
+        self.n_patches = side * side
+        self.full = cfg.vision_feature_select_strategy == "full"  # the CLS token is an LM image token too
+        super().__init__(model, processor, model_id)
+
+    def _site_map(self) -> dict[str, Hook]:
+        hooks: dict[str, Hook] = {"vision.embed": Hook("model.vision_tower.embeddings")}
+        hooks.update(block_hooks("vision", "model.vision_tower.encoder.layers", self.vision_config.num_hidden_layers))
+        hooks["projector.out"] = Hook("model.multi_modal_projector")
+        hooks["lm.embed"] = Hook("model.language_model.layers.0", "input")
+        hooks.update(block_hooks("lm", "model.language_model.layers", self.text_config.num_hidden_layers))
+        hooks["lm.logits"] = Hook("lm_head")
+        return hooks
+
+    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
+        """Shape of one sample's value at ``site`` for an LM sequence of ``seq_len``."""
+        s = S.parse(self.expand_sites([site])[0])
+        if s.tower == "vision":
+            n, d, heads = 1 + self.n_patches, self.vision_config.hidden_size, self.vision_config.num_attention_heads
+        elif s.tower == "projector":
+            return (self.n_patches + self.full, self.text_config.hidden_size)
+        else:
+            n, d, heads = seq_len, self.text_config.hidden_size, self.text_config.num_attention_heads
+        if s.point == "logits":
+            return (n, self.text_config.vocab_size)
+        return (heads, n, n) if s.point == "attn.pattern" else (n, d)
+
+    # --- geometry ----------------------------------------------------------------------
+    def processor_kwargs(self, image: np.ndarray) -> dict:
+        return identity_resize_kwargs(self.image_processor, image)
+
+    def frame(self, image: np.ndarray, inputs, row: int) -> Frame:
+        """Resize (shortest edge, or to a fixed size) then centre crop, as the image processor does."""
+        h, w = image.shape[:2]
+        ip, size = self.image_processor, self.image_processor.size
+        if "shortest_edge" in size:
+            s = size["shortest_edge"]
+            to = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        else:
+            to = (size["height"], size["width"])
+        crop = (ip.crop_size["height"], ip.crop_size["width"]) if ip.do_center_crop else None
+        return Frame.resize((h, w), to, crop)
+
+    def _cell(self, frame: Frame):
+        return lambda r, c: frame.cell(r, c, self.patch, self.patch)
+
+    def image_regions(self, batch: Batch, row: int) -> list[tuple[int, int, Box | None, str]]:
+        """One LM image token per patch, row-major (the CLS token first with the ``full`` strategy)."""
+        p = self.vision_positions(batch)[row]
+        keep = range(len(p)) if self.full else p.spans["image"]
+        return [(p.rows[i], p.cols[i], p.boxes[i], p.groups[i]) for i in keep]
+
+    def vision_positions(self, batch: Batch | None = None) -> list[Positions]:
+        """Per row, the vision tower's sequence: CLS, then patches in row-major order (boxes need the
+        batch's images; without a batch, boxes are in the model's input pixels)."""
+        side = self.vision_config.image_size
+        frames = batch.frames if batch is not None else [Frame((side, side))]
+        return [grid_positions(*self.grid, self._cell(f), cls=True) for f in frames]

@@ -1,0 +1,111 @@
+"""Tiny random-weight checkpoints of every supported family, built from transformers configs (no
+download), saved with their processor and loadable by path exactly like a hub checkpoint.
+
+    python -m interp.models.tiny --family qwen2_5_vl --out /tmp/tiny-qwen
+
+``BUILDERS`` maps each family's ``model_type`` to its builder ``(path, seed) -> path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from interp.errors import InterpError
+
+# words of the tiny models' word-level tokenizers (chat-template words included)
+TINY_WORDS = (
+    "is there a pleural effusion pneumothorax nodule cardiomegaly consolidation on the left right lung ? yes no "
+    "answer : the costophrenic angles are sharp . not present USER: ASSISTANT: user assistant model describe image"
+).split()
+
+
+def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
+    """LLaVA-1.5 layout at toy size: CLIP vision 2 x 32 (32 px, patch 8), Llama 2 x 32, LLaVA-1.5 chat template."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from interp.models.organism import image_processor
+    from interp.models.tokenizer import word_tokenizer
+
+    tok = word_tokenizer(TINY_WORDS)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, num_channels=3)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=128,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    template = ("{{ bos_token }}USER: {% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+    proc = LlavaProcessor(image_processor=image_processor(32, [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]), tokenizer=tok,
+                          patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=template)
+    return save(model, proc, path)
+
+
+def save(model: torch.nn.Module, processor, path: str | Path) -> Path:
+    """Safetensors + config + processor in ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_dual_encoder(path: str | Path, seed: int = 0, kind: str = "clip") -> Path:
+    """CLIP or SigLIP at toy size: towers 2 x 32, 32 px RGB images, patch 8, the tiny word tokenizer."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, SiglipConfig, SiglipModel, SiglipProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from interp.models.clip import clip_tokenizer
+    from interp.models.organism import image_processor
+
+    tok = clip_tokenizer(TINY_WORDS)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(tower, vocab_size=len(tok), max_position_embeddings=24, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = dict(tower, image_size=32, patch_size=8, num_channels=3)
+    torch.manual_seed(seed)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        proc = CLIPProcessor(image_processor=image_processor(32, [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]), tokenizer=tok)
+    else:
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        proc = SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok)
+    return save(model.eval(), proc, path)
+
+
+BUILDERS = {
+    "llava": save_tiny_llava,
+    "clip": save_tiny_dual_encoder,
+    "siglip": lambda path, seed=0: save_tiny_dual_encoder(path, seed, "siglip"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m interp.models.tiny", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", required=True, choices=sorted(BUILDERS), help="HF model_type of the family")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--seed", type=int, default=0, help="weight init seed (default: 0)")
+    args = p.parse_args(argv)
+    try:
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InterpError(f"--out {out} exists and is not an empty folder")
+        BUILDERS[args.family](out, args.seed)
+    except InterpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
