@@ -43,11 +43,11 @@ def tiny_parts():
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_parts):
     """The in-memory organism wrapped in a ``LlavaAdapter`` (same preprocessing a load() gives)."""
-    from interp.models.adapter import LlavaAdapter
-    from interp.models.organism import PREPROCESSOR
+    from interp.models.llava import LlavaAdapter
+    from interp.models.organism import organism_processor
 
     model, tok = tiny_parts
-    return LlavaAdapter(model, tok, PREPROCESSOR, model_id="tiny-seed0")
+    return LlavaAdapter(model, organism_processor(tok), model_id="tiny-seed0")
 
 
 @pytest.fixture(scope="session")

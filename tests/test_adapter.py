@@ -10,6 +10,7 @@ References, each written here without the adapter's site map:
 
 from __future__ import annotations
 
+from dataclasses import replace
 import copy
 import re
 import shutil
@@ -19,7 +20,9 @@ import torch
 
 from interp import sites as S
 from interp.errors import InterpError
-from interp.models import Batch, Hook, LlavaAdapter, load
+from interp.models import Hook, load
+from interp.models.llava import LlavaAdapter
+from interp.models.organism import organism_processor
 from interp.models.adapter import weight_hash
 
 ATOL = 1e-5
@@ -357,7 +360,7 @@ def test_skip_with_clean_outputs_is_identical_and_really_skips(tiny_adapter, tin
 
 def test_inputs_embeds_batch_reproduces_logits(tiny_adapter, batch, ours):
     clean, c = ours
-    emb_batch = Batch(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.positions, inputs_embeds=c["lm.embed"])
+    emb_batch = replace(batch, inputs_embeds=c["lm.embed"])
     lg, c2 = tiny_adapter.run(emb_batch, read=["lm.blocks.3.resid_post"])
     close(lg, clean, "logits from inputs_embeds")
     close(c2["lm.blocks.3.resid_post"], c["lm.blocks.3.resid_post"], "resid from inputs_embeds")
@@ -452,14 +455,14 @@ def test_load_reproduces_in_memory_model(tiny_model_dir, tiny_adapter, tiny_part
 
 
 def test_image_positions_carry_row_col(tiny_adapter, batch):
-    img_id = tiny_adapter.image_token_id
+    img_id = tiny_adapter.config.image_token_id
     for p, ids in zip(batch.positions, batch.input_ids):
         assert p.kinds[0] == "special" and p.tokens[0] == "<bos>"
         assert p.spans["image"] == list(range(1, 1 + N_PATCH))
         for i in range(N_PATCH):
             assert p.kinds[1 + i] == "image" and ids[1 + i] == img_id and p.tokens[1 + i] == "<image>"
             assert (p.rows[1 + i], p.cols[1 + i]) == divmod(i, GRID)
-    vp = tiny_adapter.vision_positions()
+    vp = tiny_adapter.vision_positions()[0]
     assert vp.kinds[0] == "special" and (vp.rows[1 + 13], vp.cols[1 + 13]) == divmod(13, GRID)
 
 
@@ -470,7 +473,7 @@ def test_row_col_match_what_the_model_sees(tiny_adapter, tiny_images):
     img = tiny_images[0].copy()
     img[r * ps:(r + 1) * ps, col * ps:(col + 1) * ps] += 0.3
     b = tiny_adapter.encode([tiny_images[0], img], PROMPTS[:1] * 2)
-    vp, p = tiny_adapter.vision_positions(), b.positions[0]
+    vp, p = tiny_adapter.vision_positions()[0], b.positions[0]
     vis_pos = [i for i in range(len(vp.kinds)) if (vp.rows[i], vp.cols[i]) == (r, col)]
     lm_pos = [i for i in range(len(p.kinds)) if p.kinds[i] == "image" and (p.rows[i], p.cols[i]) == (r, col)]
 
@@ -517,9 +520,8 @@ def broken(monkeypatch, tiny_parts, change):
         return hooks
 
     monkeypatch.setattr(LlavaAdapter, "_site_map", site_map)
-    from interp.models.organism import PREPROCESSOR
 
-    return LlavaAdapter(tiny_parts[0], tiny_parts[1], PREPROCESSOR, "broken")
+    return LlavaAdapter(tiny_parts[0], organism_processor(tiny_parts[1]), "broken")
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,7 @@ from transformers import CLIPModel, SiglipConfig, SiglipModel
 
 from interp.errors import InterpError
 from interp.models.adapter import Adapter, Hook
-from interp.models.clip import CLIP_DIR, ClipAdapter, clip_config, clip_tokenizer
-from interp.models.organism import PREPROCESSOR
+from interp.models.clip import CLIP_DIR, ClipAdapter, clip_config, clip_processor, clip_tokenizer
 from interp.trace.patching import restore_sweep
 
 WORDS = ("there is a no pleural effusion pneumothorax nodule cardiomegaly . the heart size is normal "
@@ -35,7 +34,7 @@ def clip(tok):
     torch.manual_seed(0)
     model = CLIPModel(clip_config(len(tok), **SIZES))
     model.set_attn_implementation("eager")
-    return ClipAdapter(model, tok, PREPROCESSOR, "tiny-clip")
+    return ClipAdapter(model, clip_processor(tok), "tiny-clip")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def siglip(tok):
     torch.manual_seed(1)
     model = SiglipModel(cfg)
     model.set_attn_implementation("eager")
-    return ClipAdapter(model, tok, PREPROCESSOR, "tiny-siglip")
+    return ClipAdapter(model, clip_processor(tok), "tiny-siglip")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +124,7 @@ def test_site_shapes_and_order(request, which, images):
     # vision runs first in both models; pooled sites close each tower
     assert adapter.sites[0] == "vision.embed" and adapter.sites[-1] == "text.pooled"
     assert adapter.sites.index("vision.pooled") < adapter.sites.index("text.embed")
-    assert len(adapter.vision_positions().kinds) == ours["vision.blocks.0.resid_post"].shape[1]
+    assert len(adapter.vision_positions()[0].kinds) == ours["vision.blocks.0.resid_post"].shape[1]
     assert isinstance(adapter, Adapter)
 
 
@@ -223,10 +222,10 @@ def test_validate_names_a_broken_pooled_site(tok, monkeypatch):
     torch.manual_seed(0)
     model = CLIPModel(clip_config(len(tok), **SIZES))
     with pytest.raises(InterpError, match="attn.pattern.*NoneType.*eager"):  # sdpa attention returns no weights
-        ClipAdapter(model, tok, PREPROCESSOR, "sdpa")
+        ClipAdapter(model, clip_processor(tok), "sdpa")
     model.set_attn_implementation("eager")
     with pytest.raises(InterpError, match="'text.pooled' of broken has shape"):
-        ClipAdapter(model, tok, PREPROCESSOR, "broken")
+        ClipAdapter(model, clip_processor(tok), "broken")
 
 
 @pytest.mark.skipif(not (CLIP_DIR / "model.safetensors").is_file(), reason="CLIP organism not trained")

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from interp.errors import InterpError
-from interp.models.clip import ClipAdapter, clip_tokenizer
-from interp.models.organism import PREPROCESSOR
+from interp.models.clip import ClipAdapter, clip_processor, clip_tokenizer
 from interp.nast import cte as C
 from interp.nast.lora import apply_scaled_lora
 
@@ -43,7 +42,7 @@ def tiny_clip(seed: int = 0, layers: int = 3):
 def clip_adapter():
     """ClipAdapter over the tiny CLIP, in float64: CTE divides by a small margin."""
     model, _ = tiny_clip()
-    adapter = ClipAdapter(model, clip_tokenizer(WORDS), PREPROCESSOR, model_id="tiny-clip")
+    adapter = ClipAdapter(model, clip_processor(clip_tokenizer(WORDS)), model_id="tiny-clip")
     adapter.model.double()  # after its float32 load check; in place, so the hooks stay
     return adapter
 

@@ -25,7 +25,6 @@ from interp.data.vqa import VQADataset, VQAItem
 from interp.errors import InterpError
 from interp.sites import parse
 
-DEFAULT_SITES = "vision.blocks.*.resid_post,projector.out,lm.blocks.*.resid_post"
 PROMPT_TEMPLATE = "{prompt}"  # prompts are used verbatim
 SAMPLE_FIELDS = ("id", "kind", "finding", "mode", "answer", "target")
 GRID_TOWERS = ("vision", "projector")
@@ -36,8 +35,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="organism", help="model id or checkpoint folder (default: organism)")
     p.add_argument("--data", default="phantom-test",
-                   help=f"saved VQA data set (.json) or one of {', '.join(BUILTIN)} (default: phantom-test)")
-    p.add_argument("--sites", default=DEFAULT_SITES, help=f"comma-separated sites or globs (default: {DEFAULT_SITES})")
+                   help=f"one of {', '.join(BUILTIN)}, a saved VQA data set (.json), or real images: a folder with "
+                        "prompts.csv/.jsonl (columns image, prompt[, answer]) or such a table (default: phantom-test)")
+    p.add_argument("--sites", default="", help="comma-separated sites or globs (default: every tower's block outputs "
+                                                "and projector.out where the model has one)")
     p.add_argument("--out", help="store path or fsspec URL (default: caches/<model>-<data>.zarr)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default: 16)")
     p.add_argument("--chunk-samples", type=int, default=32, help="samples per stored chunk (default: 32)")
@@ -48,17 +49,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sequence_length(adapter, items: Sequence[VQAItem], batch_size: int) -> int:
-    """Longest encoded sequence over ``items`` (text only matters: blank images stand in)."""
-    prompts = sorted({it.prompt for it in items})
-    blank = [np.zeros((1, 1), np.float32)] * batch_size
-    return max(adapter.encode(blank[: len(chunk)], chunk).input_ids.shape[1]
-               for chunk in (prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)))
+def default_sites(adapter) -> str:
+    """Every tower's block outputs (the vision tower's where it keeps one sequence per sample) and projector.out."""
+    towers = [t for t in adapter.towers if t != "vision" or adapter.vision_batched]
+    return ",".join([f"{t}.blocks.*.resid_post" for t in towers] + (["projector.out"] if "projector.out" in adapter.hooks else []))
+
+
+def sequence_length(adapter, data, items: Sequence[VQAItem], batch_size: int) -> int:
+    """Longest encoded sequence over ``items``: the processor only (no model), with the items' own
+    images, since a family may give an image as many tokens as its size asks for."""
+    longest = 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        longest = max(longest, adapter.encode([data.image(it.image) for it in chunk], [it.prompt for it in chunk]).input_ids.shape[1])
+    return longest
 
 
 def site_grids(adapter, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int, bool]]:
-    """(rows, cols, has_cls) of the sites laid out on the patch grid."""
-    rows, cols = adapter.grid
+    """(rows, cols, has_cls) of the sites laid out on the vision tower's patch grid."""
+    if "vision" not in adapter.towers or not adapter.vision_batched:
+        return {}
+    vp = adapter.vision_positions()[0]
+    cells = [(r, c) for k, r, c in zip(vp.kinds, vp.rows, vp.cols) if k == "image"]
+    rows, cols = 1 + max(r for r, _ in cells), 1 + max(c for _, c in cells)
     return {s: (rows, cols, n == rows * cols + 1) for s, (n, _) in shapes.items()
             if parse(s).tower in GRID_TOWERS and n in (rows * cols, rows * cols + 1)}
 
@@ -109,15 +122,19 @@ def cache(args: argparse.Namespace) -> str:
     data = load_dataset(args.data, args.limit)
     out = args.out or f"caches/{Path(args.model).name}-{Path(args.data).stem}.zarr"
     adapter = load(args.model, device=args.device)
-    sites = adapter.expand_sites(args.sites)
-    seq_len = sequence_length(adapter, data.items, args.batch_size)
+    sites = adapter.expand_sites(args.sites or default_sites(adapter))
+    packed = [s for s in sites if parse(s).tower == "vision" and not adapter.vision_batched]
+    if packed:
+        raise InterpError(f"cannot cache {packed[0]}: {adapter.name}'s vision tower packs or tiles images, so its sites "
+                          "are not one sequence per sample; cache projector.out or lm sites")
+    seq_len = sequence_length(adapter, data, data.items, args.batch_size)
     shapes = {s: adapter.site_shape(s, seq_len) for s in sites}
     for s, shape in shapes.items():
         if len(shape) != 2:
             raise InterpError(f"site {s} has per-sample shape {shape}; the cache stores [position, d] sites only")
     grids = site_grids(adapter, shapes)
     span_names = ["image", *sorted({k for it in data.items for k in it.spans} - {"image"})]
-    specs = [data.specs[it.image] for it in data.items]
+    specs = [data.specs[it.image] for it in data.items] if data.specs else []
     writer = CacheWriter(
         out, meta={"model_id": adapter.model_id, "weight_hash": adapter.weight_hash, "adapter": adapter.name,
                    "dataset_id": data.name, "dataset_hash": data.hash, "prompt_template": PROMPT_TEMPLATE},
@@ -125,7 +142,7 @@ def cache(args: argparse.Namespace) -> str:
         dtype=args.dtype, site_grids=grids, span_names=span_names, overwrite=args.overwrite,
         sample_fields={"question": [it.prompt for it in data.items],
                        **{f: [getattr(it, f) for it in data.items] for f in SAMPLE_FIELDS}},
-        labels={name: [s.has(name) for s in specs] for name in FINDINGS + CONFOUNDERS})
+        labels={name: [s.has(name) for s in specs] for name in FINDINGS + CONFOUNDERS} if specs else {})
     pending, written = writer.pending(), False
     try:
         with tqdm(total=sum(map(len, pending)), unit="sample", desc=f"caching {out}", file=sys.stderr) as bar:

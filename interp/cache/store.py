@@ -9,7 +9,7 @@ Layout of one store (a Zarr v3 group)::
                        Array names are the site names verbatim (Zarr v3 allows dots).
                        Grid sites (vision, projector) carry attrs ``grid: [rows, cols]``, ``has_cls``.
     tokens             int32 [sample, position], pad -1
-    position_kind      int8  [sample, position]: 0 pad, 1 bos/special, 2 image, 3 text (attrs "codes")
+    position_kind      int8  [sample, position]: 0 pad, 1 bos/special, 2 image, 3 text, 4 query (attrs "codes")
     position_row/_col  int16 [sample, position]: patch row/col of image tokens, else -1
     position_span      optional uint16 [sample, position] bitmask: bit i set = in span attrs "names"[i]
     samples/<field>    variable-length UTF-8 strings [sample] (id, question, answer, ...)
@@ -48,7 +48,7 @@ SCHEMA_VERSION = 1
 REQUIRED_META = ("model_id", "weight_hash", "adapter", "dataset_id", "dataset_hash", "prompt_template")
 IDENTITY = ("model_id", "weight_hash", "dataset_hash", "sites", "dtype", "prompt_template",
             "chunk_samples", "n_samples", "seq_len")
-KIND_CODES = {"pad": 0, "special": 1, "image": 2, "text": 3}
+KIND_CODES = {"pad": 0, "special": 1, "image": 2, "text": 3, "query": 4}
 DTYPES = ("float32", "float16")
 POSITION_ARRAYS = {"tokens": ("int32", -1), "position_kind": ("int8", 0),
                    "position_row": ("int16", -1), "position_col": ("int16", -1)}

@@ -88,7 +88,8 @@ class Batch:
     made it (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``,
     ``pixel_attention_mask``, ``token_type_ids``, ``position_ids``, ...). Tensors are batch-first,
     except those named in ``ragged``, whose first dimension concatenates the rows' parts of the
-    given lengths (Qwen2.5-VL's flattened patches). ``image_inputs`` are dropped when
+    given lengths (Qwen2.5-VL's flattened patches), and those in ``batch_dims``, whose rows lie along
+    another dimension (M-RoPE position ids [3, rows, seq]). ``image_inputs`` are dropped when
     ``inputs_embeds`` (the merged LM input) is set: then the LM runs alone.
     """
 
@@ -96,6 +97,7 @@ class Batch:
     positions: list[Positions]
     inputs_embeds: torch.Tensor | None = None
     ragged: dict[str, list[int]] = field(default_factory=dict)
+    batch_dims: dict[str, int] = field(default_factory=dict)  # inputs whose rows are not dim 0 (M-RoPE ids: 1)
     image_inputs: tuple[str, ...] = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
     frames: list[Any] = field(default_factory=list)  # per row: the processor's image transform (family-defined)
 
@@ -137,7 +139,7 @@ class Batch:
                 parts = v.split(self.ragged[k])
                 inputs[k] = torch.cat([parts[int(i)] for i in idx])
             else:
-                inputs[k] = v[idx]
+                inputs[k] = v.index_select(self.batch_dims.get(k, 0), idx.to(v.device))
         return replace(
             self, inputs=inputs, positions=[self.positions[int(i)] for i in idx],
             inputs_embeds=None if self.inputs_embeds is None else self.inputs_embeds[idx],
@@ -217,6 +219,7 @@ class Adapter(Protocol):
     hooks: dict[str, Hook]
     weight_hash: str
     towers: tuple[str, ...]
+    vision_batched: bool
 
     def validate(self) -> None: ...
 
@@ -254,6 +257,7 @@ class HookedAdapter:
     model: torch.nn.Module
     model_id: str
     towers: tuple[str, ...] = ()
+    vision_batched = True  # vision sites are [rows, positions, d] (False: packed or tiled views)
 
     def _attach(self, hooks: dict[str, Hook]) -> None:
         """Install the site map (its order is the execution order) and wrap the model in nnsight."""
@@ -386,7 +390,8 @@ class HookedAdapter:
                     if name in read:
                         values[name] = part
             outputs = self._trace_output()
-        cache = Cache({n: values[n] for n in read}, batch.positions)
+        vision = [self.vision_positions(batch)] if self.vision_batched and any(n.startswith("vision.") for n in read) else []
+        cache = Cache({n: values[n] for n in read}, batch.positions, *vision)
         if backward is not None:
             total = backward(self.readout(outputs, batch)).sum()
             grads = torch.autograd.grad(total, [cache[n] for n in read], allow_unused=True)

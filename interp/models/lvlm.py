@@ -99,21 +99,47 @@ class ImageInputs:
         which PIL would quantise to 8 bits)."""
         return {}
 
-    def _images(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict]:
+    def _images(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
+        """Images as the processor takes them, and per image the processor arguments."""
         arrays = image_arrays(images, self.channels)
-        kws = [self.processor_kwargs(a) for a in arrays]
-        if any(k != kws[0] for k in kws):  # one call per batch: mixed sizes take the general path
-            kws = [{}]
-        return arrays, {"do_rescale": False, "input_data_format": "channels_last", **(kws[0] if kws else {})}
+        base = {"do_rescale": False, "input_data_format": "channels_last"}
+        return arrays, [{**base, **self.processor_kwargs(a)} for a in arrays]
 
     def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Images -> ``pixel_values`` exactly as the processor makes them."""
-        arrays, kw = self._images(images)
+        """Images -> ``pixel_values`` exactly as the processor makes them (one call per run of rows
+        that share processor arguments, so a row's pixels do not depend on its batch)."""
+        arrays, kws = self._images(images)
+        out = []
         try:
-            out = self.image_processor(images=arrays, return_tensors="pt", **kw)
+            for lo, hi in _runs(kws):
+                out.append(self.image_processor(images=arrays[lo:hi], return_tensors="pt", **kws[lo])["pixel_values"])
         except Exception as e:  # processors raise ValueError/TypeError/... for images they cannot take
             raise InterpError(f"the image processor of {self.model_id} rejected the image: {str(e).splitlines()[0]}") from None
-        return out["pixel_values"].to(self.model.dtype)
+        return torch.cat(out).to(self.model.dtype)
+
+
+def _runs(kws: list[dict]) -> list[tuple[int, int]]:
+    """[lo, hi) runs of equal consecutive entries."""
+    bounds = [0] + [i for i in range(1, len(kws)) if kws[i] != kws[i - 1]] + [len(kws)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _merge(parts: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate processor outputs of consecutive rows; token-aligned tensors right-padded
+    (``input_ids`` with the pad id, masks and the rest with 0). Used only for fixed-size image
+    processors, whose other outputs are batch-first with equal shapes."""
+    width = max(p["input_ids"].shape[1] for p in parts)
+    out = {}
+    for k in parts[0]:
+        vals = []
+        for p in parts:
+            v = p[k]
+            if v.dim() >= 2 and v.shape[1] == p["input_ids"].shape[1] and k != "pixel_values":
+                v = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, width - v.shape[1]),
+                                            value=pad_id if k == "input_ids" else 0)
+            vals.append(v)
+        out[k] = torch.cat(vals)
+    return out
 
 
 class ProcessorAdapter(ImageInputs, HookedAdapter):
@@ -159,6 +185,11 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
         """What ``image_regions`` needs to know about row ``row``'s image (default: its size)."""
         return Frame(tuple(image.shape[:2]))
 
+    def processor_images(self, arrays: list[np.ndarray]) -> list:
+        """The ``images`` argument of the processor for one image per row (per family: some processors
+        want a list per row)."""
+        return arrays
+
     def template(self, prompt: str) -> str:
         """The text the processor gets for one image and ``prompt``: the family's chat template."""
         if not getattr(self.processor, "chat_template", None):
@@ -197,24 +228,26 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
         spans = spans or [{} for _ in prompts]
         if len(spans) != len(prompts):
             raise InterpError(f"need one span dict per prompt: got {len(spans)} for {len(prompts)} prompts")
-        arrays, kw = self._images(images)
+        arrays, kws = self._images(images)
         texts = [self.template(p) for p in prompts]
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "right"
-        try:
-            enc = self.processor(images=arrays, text=texts, return_tensors="pt", padding=True, **kw)
-        except InterpError:
-            raise
+        try:  # one call per run of rows sharing processor arguments, so a row does not depend on its batch
+            parts = [{k: v for k, v in self.processor(images=self.processor_images(arrays[lo:hi]), text=texts[lo:hi], return_tensors="pt",
+                                                      padding=True, **kws[lo]).items() if isinstance(v, torch.Tensor)}
+                     for lo, hi in _runs(kws)]
         except Exception as e:  # processors raise ValueError/TypeError/... for inputs they cannot take
             raise InterpError(f"the processor of {self.model_id} rejected the input: {str(e).splitlines()[0]}") from None
         finally:
             tok.padding_side = side
-        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        inputs = parts[0] if len(parts) == 1 else _merge(parts, tok.pad_token_id or 0)
         if inputs.get("pixel_values") is not None and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         batch = Batch(inputs, [], ragged=self.ragged(inputs))
         batch.frames = [self.frame(a, inputs, i) for i, a in enumerate(arrays)]
-        image_ids, special = self.image_token_ids(), set(tok.all_special_ids)
+        image_ids = self.image_token_ids()
+        # tokens marked special in the vocabulary count too (Gemma's <start_of_turn> is not in all_special_ids)
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
         for i, (prompt, sp) in enumerate(zip(prompts, spans)):
             ids, mask = inputs["input_ids"][i].tolist(), inputs["attention_mask"][i].tolist()
             kinds = ["pad" if not m else "image" if t in image_ids else "special" if t in special else "text"

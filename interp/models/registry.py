@@ -10,8 +10,14 @@ from interp.errors import InterpError
 # model_type -> "module:Class"; each family lives in one module
 FAMILIES = {
     "llava": "interp.models.llava:LlavaAdapter",
+    "qwen2_5_vl": "interp.models.qwen2_5_vl:Qwen25VLAdapter",
     "clip": "interp.models.clip:ClipAdapter",
     "siglip": "interp.models.clip:ClipAdapter",
+    "idefics3": "interp.models.idefics3:Idefics3Adapter",
+    "smolvlm": "interp.models.idefics3:SmolVLMAdapter",
+    "gemma3": "interp.models.gemma3:Gemma3Adapter",
+    "blip-2": "interp.models.blip2:Blip2Adapter",
+    "llava_next": "interp.models.llava_next:LlavaNextAdapter",
 }
 _WEIGHTS = Path(__file__).parent / "weights"
 ALIASES = {"organism": _WEIGHTS / "lvlm", "clip-organism": _WEIGHTS / "clip"}

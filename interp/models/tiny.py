@@ -9,6 +9,7 @@ download), saved with their processor and loadable by path exactly like a hub ch
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -81,11 +82,27 @@ def save_tiny_dual_encoder(path: str | Path, seed: int = 0, kind: str = "clip") 
     return save(model.eval(), proc, path)
 
 
+# model_type -> "module:function" building a tiny checkpoint (path, seed) -> path
 BUILDERS = {
-    "llava": save_tiny_llava,
-    "clip": save_tiny_dual_encoder,
-    "siglip": lambda path, seed=0: save_tiny_dual_encoder(path, seed, "siglip"),
+    "llava": "interp.models.tiny:save_tiny_llava",
+    "clip": "interp.models.tiny:save_tiny_dual_encoder",
+    "siglip": "interp.models.tiny:save_tiny_siglip",
+    "qwen2_5_vl": "interp.models.qwen2_5_vl:save_tiny_qwen2_5_vl",
+    "idefics3": "interp.models.idefics3:save_tiny_idefics3",
+    "gemma3": "interp.models.gemma3:save_tiny_gemma3",
+    "blip-2": "interp.models.blip2:save_tiny_blip2",
+    "llava_next": "interp.models.llava_next:save_tiny_llava_next",
 }
+
+
+def build_tiny(model_type: str, path: str | Path, seed: int = 0) -> Path:
+    """Build and save the tiny checkpoint of a family."""
+    module, fn = BUILDERS[model_type].split(":")
+    return getattr(importlib.import_module(module), fn)(path, seed)
+
+
+def save_tiny_siglip(path: str | Path, seed: int = 0) -> Path:
+    return save_tiny_dual_encoder(path, seed, "siglip")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InterpError(f"--out {out} exists and is not an empty folder")
-        BUILDERS[args.family](out, args.seed)
+        build_tiny(args.family, out, args.seed)
     except InterpError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from interp.data.phantom import FINDINGS, SIDES, ZONES
 from interp.data.vqa import ALL_KINDS, MODES, VQADataset, build_vqa, split_target
 from interp.errors import InterpError
-from interp.models.organism import IMAGE_SIZE, LVLM_DIR, PATCH_SIZE, PREPROCESSOR, build_organism, save_organism
+from interp.models.organism import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, LVLM_DIR, PATCH_SIZE, build_organism, save_organism
 
 GRID = IMAGE_SIZE // PATCH_SIZE
 N_PATCHES = GRID * GRID
@@ -124,7 +124,7 @@ class Pool:
 
 def normalise(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(images, np.float32))[:, None]
-    return (x - PREPROCESSOR["image_mean"][0]) / PREPROCESSOR["image_std"][0]
+    return (x - IMAGE_MEAN[0]) / IMAGE_STD[0]
 
 
 def render_pool(ds: VQADataset, tok, progress: bool = False) -> Pool:

@@ -34,9 +34,9 @@ from interp.models.clip import (
     CLIP_DIR,
     ClipAdapter,
     build_clip_organism,
+    clip_processor,
     save_clip_organism,
 )
-from interp.models.organism import PREPROCESSOR
 
 
 @dataclass
@@ -127,7 +127,7 @@ def train(cfg: ClipTrainConfig, progress: bool = True) -> tuple[ClipAdapter, dic
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tok = build_clip_organism(cfg.seed, **cfg.sizes)
-    adapter_tmp = ClipAdapter(model, tok, PREPROCESSOR, "clip-organism-training")  # tokenisation + pixels
+    adapter_tmp = ClipAdapter(model, clip_processor(tok), "clip-organism-training")  # tokenisation + pixels
     images, labels = render_split(cfg.n_train, cfg.seed, "train", progress)
     pixels = adapter_tmp.pixels(list(images))
     rng = np.random.default_rng([cfg.seed, 77])
@@ -159,7 +159,7 @@ def train(cfg: ClipTrainConfig, progress: bool = True) -> tuple[ClipAdapter, dic
     model.eval()
     info = {"train_seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(hist[-50:])),
             "loss_first_50": float(np.mean(hist[:50])), "threads": torch.get_num_threads()}
-    return ClipAdapter(model, tok, PREPROCESSOR, "clip-organism"), info
+    return ClipAdapter(model, clip_processor(tok), "clip-organism"), info
 
 
 # ---------------------------------------------------------------------------------------

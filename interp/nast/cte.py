@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from interp.errors import InterpError
+from interp.models.adapter import Batch
 from interp.trace.patching import Noise, restore_sweep
 
 ROLES = ("SOT", "there", "is/are", "negator", "subject_first", "subject_rest", ".", "EOT", "other")
@@ -264,11 +265,11 @@ def trace_pair(adapter, pair: NegationPair, *, mode: str = "nast", noise_scale: 
     if margin == 0:
         return out, margin
     aligned = all(p == q for p, q in rmap.values()) and pos.input_ids.shape == neg.input_ids.shape
-    clean = neg if aligned else _RoleMapped.clean_batch(pos)
-    sweep_adapter = adapter if aligned else _RoleMapped(adapter, clean, pos, neg, rmap)
     groups = [rmap[r][0] for r in roles]  # positions in the positive (patched) text
     metric = lambda v: v.reshape(len(v), -1)[:, 0] - z[1].to(v.dtype)
-    res = restore_sweep(sweep_adapter, clean, pos, metric, tower="text", layers=blocks, groups=groups, batch_size=batch_size)
+    states = None if aligned else _moved_states(adapter, pos, neg, rmap, metric)
+    res = restore_sweep(adapter, neg if aligned else pos, pos, metric, tower="text", layers=blocks, groups=groups,
+                        batch_size=batch_size, clean_states=states)
     for k, r in enumerate(roles):
         out[1:, ROLES.index(r)] = res.restored[:, k] / margin
     # layer 0: the embeddings, one batched forward (a row per role)
@@ -291,35 +292,21 @@ def trace_pair(adapter, pair: NegationPair, *, mode: str = "nast", noise_scale: 
     return out, margin
 
 
-class _RoleMapped:
-    """Adapter proxy for unaligned pairs: its run of the sentinel clean batch returns the negated
-    text's states moved onto the positive text's positions role by role (elsewhere the
-    positive's own states, so restore_sweep sees nothing to restore there)."""
-
-    def __init__(self, adapter, sentinel, pos, neg, rmap) -> None:
-        self.adapter, self.sentinel, self.pos, self.neg = adapter, sentinel, pos, neg
-        self.p = torch.tensor([p for ps, _ in rmap.values() for p in ps])
-        self.q = torch.tensor([q for _, qs in rmap.values() for q in qs])
-
-    @staticmethod
-    def clean_batch(pos):
-        return pos.take([0])
-
-    def __getattr__(self, name):
-        return getattr(self.adapter, name)
-
-    def run(self, batch, read=(), edit=None, **kw):
-        if batch is not self.sentinel:
-            return self.adapter.run(batch, read=read, edit=edit, **kw)
-        read = list(read)
-        out_n, cache_n = self.adapter.run(self.neg, read=read)
-        _, cache_p = self.adapter.run(self.pos, read=read)
-        merged = {}
-        for k, v in cache_p.items():
-            v = v.clone()
-            v[:, self.p] = cache_n[k][:, self.q].to(v.dtype)
-            merged[k] = v
-        return out_n, merged
+def _moved_states(adapter, pos: Batch, neg: Batch, rmap: dict, metric) -> tuple[float, dict[str, torch.Tensor]]:
+    """Clean states for unaligned pairs: the negated text's block outputs moved onto the positive
+    text's positions role by role (elsewhere the positive's own states, so restore_sweep sees
+    nothing to restore there), and the negated text's metric."""
+    sites = [f"text.blocks.{j}.resid_post" for j in range(adapter.n_layers("text"))]
+    p = torch.tensor([p for ps, _ in rmap.values() for p in ps])
+    q = torch.tensor([q for _, qs in rmap.values() for q in qs])
+    out_n, cache_n = adapter.run(neg, read=sites)
+    _, cache_p = adapter.run(pos, read=sites)
+    merged = {}
+    for k, v in cache_p.items():
+        v = v.clone()
+        v[:, p] = cache_n[k][:, q].to(v.dtype)
+        merged[k] = v
+    return float(metric(adapter.readout(out_n, neg))[0]), merged
 
 
 def negation_pairs(n_images: int, seed: int = 0, split: str = "test", *, attributes: Sequence[str] = ("presence", "laterality"),

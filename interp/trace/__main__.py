@@ -35,13 +35,15 @@ NAST_IMAGES = 48  # phantoms per data seed in --mode nast
 
 HELP = {
     "model": "model id or checkpoint folder ('organism' = the embedded one)",
-    "data": "saved VQA data set (.json) or phantom-{train,val,test}",
+    "data": "phantom-{train,val,test}, a saved VQA data set (.json), or real images: a folder with prompts.csv/.jsonl "
+            "(columns image, prompt[, answer]) or such a table",
     "image": "trace one image file (PNG/JPEG/DICOM) instead of a data set; needs --prompt",
     "prompt": "the prompt for --image; its answer is the model's own top prediction",
-    "sites": "sites to sweep (globs); tower and point come from the names",
+    "sites": "sites to sweep (globs); tower and point come from the names (empty: every sweepable tower's resid_post)",
     "mode": "trace (noise + restore, ROME), patch (paired inputs) or nast (CLIP text-encoder negation tracing)",
     "corrupt": "; ".join(f"{m}: {', '.join(c)}" for m, c in MODES.items()) + " (first = default)",
-    "metric": "prob, logprob or logit_diff (answer minus best alternative answer)",
+    "metric": "LVLMs: prob, logprob or logit_diff (answer minus best alternative answer); dual encoders: logit "
+              "(empty: prob / logit)",
     "window": "restore this many consecutive layers centred on each layer (ROME's window)",
     "lm_positions": "token (every position) or span (named spans: image, question, finding, ...)",
     "vision_positions": "patch, or block<k> for k x k blocks of patches",
@@ -102,16 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from interp.data.catalog import load_dataset
         from interp.models import load
         from interp.report import write_sweep_report
-        from interp.trace.sweep import image_pair, run_sweep, select_pairs
+        from interp.trace.sweep import image_pair, is_lvlm, run_sweep, select_pairs
 
         if cfg.mode == "nast":
             return nast_sweep(cfg)
         adapter = load(cfg.model, device=cfg.device)
         if cfg.image:
-            pairs, source = [image_pair(adapter, cfg.image, cfg.prompt)], (cfg.image, file_hash(cfg.image))
+            pairs, source = [image_pair(cfg.image, cfg.prompt)], (cfg.image, file_hash(cfg.image))
         else:
             data = load_dataset(cfg.data)
-            pairs, source = select_pairs(data, cfg), (data.name, data.hash)
+            pairs, source = select_pairs(data, cfg, is_lvlm(adapter)), (data.name, data.hash)
         results = run_sweep(adapter, pairs, cfg, source)
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)

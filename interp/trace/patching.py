@@ -14,15 +14,13 @@ states already equal, e.g. tokens before a noised span) are not run.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from interp.errors import InterpError
-from interp.models.adapter import Adapter, Batch
-
-Metric = Callable[[torch.Tensor], torch.Tensor]  # adapter.readout rows (LVLM: answer logits) -> [rows]
+from interp.models.adapter import Adapter, Batch, Metric
 POINTS = ("resid_pre", "resid_post", "mlp.out", "attn.out")
 
 
@@ -97,12 +95,15 @@ def restore_sweep(
     window: int = 1,
     noise: Noise | None = None,
     batch_size: int = 128,
+    clean_states: tuple[float, Mapping[str, torch.Tensor]] | None = None,
 ) -> SweepResult:
     """Restore clean states at every (layer, position group) of ``tower`` into the corrupted run.
 
     ``clean`` and ``corrupt`` are one-row batches of equal length (for causal tracing they are
-    the same input and ``noise`` corrupts it). Positions index the tower's sequence: the LM
-    sequence for ``lm``, CLS + patches for ``vision``.
+    the same input and ``noise`` corrupts it). Positions index the tower's sequence (the LM's or
+    text tower's tokens, or ``adapter.vision_positions`` for ``vision``). ``clean_states`` =
+    (clean metric, {site: [1, positions, d]}) gives the clean run's states instead of running
+    ``clean`` (e.g. states moved from another text onto these positions).
     """
     if len(clean) != 1 or len(corrupt) != 1:
         raise InterpError("restore_sweep takes one clean and one corrupted sample")
@@ -123,17 +124,21 @@ def restore_sweep(
     def answer_metric(logits: torch.Tensor, rows: Batch) -> torch.Tensor:
         return metric(adapter.readout(logits, rows))
 
-    logits, clean_vals = adapter.run(clean, read=pts)
-    clean_m = float(answer_metric(logits, clean)[0])
+    if clean_states is None:
+        logits, clean_vals = adapter.run(clean, read=pts)
+        clean_m = float(answer_metric(logits, clean)[0])
+    else:
+        clean_m, clean_vals = clean_states
 
     copies = noise.copies if noise else 1
     base = corrupt.take([0] * copies)
     noise_edit = {noise.site: noise.edit(torch.arange(copies))} if noise else {}
-    reads = list(dict.fromkeys([*post, *pts, *(["lm.embed"] if tower == "lm" else [])]))
+    lm_alone = tower == "lm" and "lm.embed" in adapter.hooks
+    reads = list(dict.fromkeys([*post, *pts, *(["lm.embed"] if lm_alone else [])]))
     logits, corr = adapter.run(base, read=reads, edit=noise_edit)
     corr_rows = answer_metric(logits, base)
     corrupted_m = float(corr_rows.mean())
-    if tower == "lm":  # restored runs start from the corrupted LM input: no vision tower, no noise edit
+    if lm_alone:  # restored runs start from the corrupted LM input: no vision tower, no noise edit
         base, noise = replace(base, inputs_embeds=corr["lm.embed"]), None
 
     restored = np.full((len(layers), len(groups)), corrupted_m, dtype=np.float64)
