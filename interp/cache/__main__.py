@@ -28,6 +28,7 @@ from interp.sites import parse
 PROMPT_TEMPLATE = "{prompt}"  # prompts are used verbatim
 SAMPLE_FIELDS = ("id", "kind", "finding", "mode", "answer", "target")
 GRID_TOWERS = ("vision", "projector")
+SEQ_TOWERS = ("lm", "text")  # sites over the token sequence, padded to the longest
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -52,7 +53,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def default_sites(adapter) -> str:
     """Every tower's block outputs (the vision tower's where it keeps one sequence per sample) and projector.out."""
     towers = [t for t in adapter.towers if t != "vision" or adapter.vision_batched]
-    return ",".join([f"{t}.blocks.*.resid_post" for t in towers] + (["projector.out"] if "projector.out" in adapter.hooks else []))
+    projector = "projector.out" in adapter.hooks and adapter.vision_batched
+    return ",".join([f"{t}.blocks.*.resid_post" for t in towers] + (["projector.out"] if projector else []))
 
 
 def sequence_length(adapter, data, items: Sequence[VQAItem], batch_size: int) -> int:
@@ -123,7 +125,7 @@ def cache(args: argparse.Namespace) -> str:
     out = args.out or f"caches/{Path(args.model).name}-{Path(args.data).stem}.zarr"
     adapter = load(args.model, device=args.device)
     sites = adapter.expand_sites(args.sites or default_sites(adapter))
-    packed = [s for s in sites if parse(s).tower == "vision" and not adapter.vision_batched]
+    packed = [s for s in sites if parse(s).tower in GRID_TOWERS and not adapter.vision_batched]
     if packed:
         raise InterpError(f"cannot cache {packed[0]}: {adapter.name}'s vision tower packs or tiles images, so its sites "
                           "are not one sequence per sample; cache projector.out or lm sites")
@@ -147,7 +149,7 @@ def cache(args: argparse.Namespace) -> str:
     try:
         with tqdm(total=sum(map(len, pending)), unit="sample", desc=f"caching {out}", file=sys.stderr) as bar:
             for r in pending:
-                writer.write(r.start, **run_chunk(adapter, data, r, sites, set(sites) - set(grids), seq_len,
+                writer.write(r.start, **run_chunk(adapter, data, r, sites, {s for s in sites if parse(s).tower in SEQ_TOWERS}, seq_len,
                                                   args.batch_size, span_names, args.device))
                 written = True
                 bar.update(len(r))

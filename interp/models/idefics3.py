@@ -91,6 +91,7 @@ class Idefics3Adapter(ProcessorAdapter):
 
     name = "idefics3"
     model_class = Idefics3ForConditionalGeneration
+    vision_batched = False  # vision sites are [views, patches, d] over all rows' tiles and global views
 
     def __init__(self, model: torch.nn.Module, processor, model_id: str) -> None:
         cfg = model.config

@@ -239,10 +239,12 @@ def sweep_towers(adapter: Adapter, cfg: SweepConfig) -> dict[tuple[str, str], li
                    else f"has no {s.tower} sweep")
             raise InterpError(f"cannot sweep {site!r}: {adapter.name} {why}; sweepable towers: {', '.join(sweepable)}")
         towers.setdefault((s.tower, s.point), []).append(s.layer)
-    if cfg.mode == "trace" and cfg.corrupt != "image":
-        towers = {k: v for k, v in towers.items() if k[0] != "vision"}  # the vision tower never sees the text
-        if not towers:
-            raise InterpError(f"--corrupt {cfg.corrupt} corrupts text: sweep {'lm' if is_lvlm(adapter) else 'text'} sites")
+    image = cfg.corrupt in ("image", "counterfactual")
+    blind = "text" if image else "vision"  # a dual encoder's text tower never sees the image, a vision tower the text
+    towers = {k: v for k, v in towers.items() if k[0] != blind}
+    if not towers:
+        raise InterpError(f"--corrupt {cfg.corrupt} corrupts the {'image' if image else 'text'}: sweep "
+                          f"{'vision or lm' if image else 'lm or text'} sites")
     return towers
 
 
