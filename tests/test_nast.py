@@ -42,7 +42,7 @@ def tiny_clip(seed: int = 0, layers: int = 3):
 def clip_adapter():
     """ClipAdapter over the tiny CLIP, in float64: CTE divides by a small margin."""
     model, _ = tiny_clip()
-    adapter = ClipAdapter(model, clip_processor(clip_tokenizer(WORDS)), model_id="tiny-clip")
+    adapter = ClipAdapter(model, clip_processor(clip_tokenizer(WORDS), 32), model_id="tiny-clip")
     adapter.model.double()  # after its float32 load check; in place, so the hooks stay
     return adapter
 

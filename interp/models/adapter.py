@@ -297,7 +297,8 @@ class HookedAdapter:
                 raise InterpError(f"site {site!r} of {self.model_id} gives {type(cache[site]).__name__}, not a tensor{hint}")
             want = self.site_shape(site, seq_len)
             got = tuple(cache[site].shape)[-len(want):]
-            if got != want:
+            per_row = S.parse(site).tower in ("lm", "text", "qformer") or self.vision_batched
+            if got != want or per_row and cache[site].shape[0] != len(batch):  # e.g. a flattened [rows * seq, d] output
                 raise InterpError(f"site {site!r} of {self.model_id} has shape {tuple(cache[site].shape)}, expected "
                                   f"[..., {', '.join(map(str, want))}]: wrong hook module?")
             s = S.parse(site)

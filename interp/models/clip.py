@@ -314,9 +314,9 @@ def build_clip_organism(seed: int = 0, **sizes: int) -> tuple[CLIPModel, PreTrai
     return model.eval(), tok
 
 
-def clip_processor(tokenizer: PreTrainedTokenizerFast) -> CLIPProcessor:
-    """The CLIP organism's processor: grey 64 x 64 images, the organism's normalisation."""
-    return CLIPProcessor(image_processor=image_processor(), tokenizer=tokenizer)
+def clip_processor(tokenizer: PreTrainedTokenizerFast, size: int = IMAGE_SIZE) -> CLIPProcessor:
+    """The CLIP organism's processor: grey ``size`` x ``size`` images, the organism's normalisation."""
+    return CLIPProcessor(image_processor=image_processor(size), tokenizer=tokenizer)
 
 
 def save_clip_organism(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, path: str | Path = CLIP_DIR) -> Path:
