@@ -33,7 +33,7 @@ def test_trace_matches_rome_loop(tiny_adapter, one, metric, tower, site, window)
     n = one.input_ids.shape[1] if tower == "lm" else 1 + tiny_adapter.n_patches
     corrupted = one.positions[0].spans["image"] if tower == "lm" else list(range(1, 1 + tiny_adapter.n_patches))
     noise = Noise(site, tuple(corrupted), std=0.8, copies=4, seed=3)
-    layers = range(tiny_adapter.n_lm_layers if tower == "lm" else tiny_adapter.n_vision_layers)
+    layers = range(tiny_adapter.n_layers(tower))
     groups = [[p] for p in range(0, n, 5)] + [[1, 2, 9], [n - 1]]
     got = restore_sweep(tiny_adapter, one, one, metric, tower=tower, layers=layers, groups=groups,
                         noise=noise, window=window, batch_size=37)
@@ -91,7 +91,7 @@ def test_pair_patching_matches_hand_loop(tiny_adapter, tiny_images, metric, poin
     clean = tiny_adapter.encode([tiny_images[0]], ["the costophrenic angles are not sharp . answer :"])
     corrupt = tiny_adapter.encode([tiny_images[1]], ["the costophrenic angles are sharp . . answer :"])
     groups = [[p] for p in range(clean.input_ids.shape[1])]
-    layers = list(range(tiny_adapter.n_lm_layers))
+    layers = list(range(tiny_adapter.n_layers("lm")))
     got = restore_sweep(tiny_adapter, clean, corrupt, metric, tower="lm", layers=layers, groups=groups, point=point)
     answer = int(clean.answer_index[0])
     for li in layers:

@@ -31,7 +31,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokeniz
 from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, block_hooks, grid_positions, right_pad
-from interp.models.lvlm import Frame, ImageInputs, identity_resize_kwargs, image_arrays, load_processor
+from interp.models.lvlm import Frame, ImageInputs, fixed_size_frame, identity_resize_kwargs, image_arrays, load_processor
 from interp.models.organism import IMAGE_SIZE, PATCH_SIZE, WEIGHTS_DIR, image_processor
 from interp.models.tokenizer import word_tokenizer
 
@@ -152,17 +152,6 @@ class ClipAdapter(ImageInputs, HookedAdapter):
         frames = batch.frames if batch is not None and batch.frames else [Frame((side, side))]
         return [grid_positions(*self.grid, lambda r, c, f=f: f.cell(r, c, p, p), cls=self.has_cls) for f in frames]
 
-    def frame(self, image: np.ndarray) -> Frame:
-        """Resize (shortest edge, or to a fixed size) then an optional centre crop, as the image processor does."""
-        h, w = image.shape[:2]
-        ip, size = self.image_processor, self.image_processor.size
-        if "shortest_edge" in size:
-            s = size["shortest_edge"]
-            to = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-        else:
-            to = (size["height"], size["width"])
-        crop = (ip.crop_size["height"], ip.crop_size["width"]) if getattr(ip, "do_center_crop", False) else None
-        return Frame.resize((h, w), to, crop)
 
     # --- inputs ------------------------------------------------------------------------
     def encode(
@@ -218,7 +207,7 @@ class ClipAdapter(ImageInputs, HookedAdapter):
             mask = torch.ones_like(mask)
         arrays = image_arrays(images, self.channels)
         return Batch({"input_ids": input_ids, "attention_mask": mask, "pixel_values": self.pixels(arrays)}, positions,
-                     frames=[self.frame(a) for a in arrays])
+                     frames=[fixed_size_frame(self.image_processor, a) for a in arrays])
 
     # --- execution ---------------------------------------------------------------------
     def _check_run(self, batch: Batch, names: list[str]) -> None:

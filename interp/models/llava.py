@@ -15,7 +15,7 @@ from transformers import LlavaForConditionalGeneration
 from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions
-from interp.models.lvlm import Frame, ProcessorAdapter, identity_resize_kwargs
+from interp.models.lvlm import Frame, ProcessorAdapter, fixed_size_frame, identity_resize_kwargs
 
 
 class LlavaAdapter(ProcessorAdapter):
@@ -63,16 +63,7 @@ class LlavaAdapter(ProcessorAdapter):
         return identity_resize_kwargs(self.image_processor, image)
 
     def frame(self, image: np.ndarray, inputs, row: int) -> Frame:
-        """Resize (shortest edge, or to a fixed size) then centre crop, as the image processor does."""
-        h, w = image.shape[:2]
-        ip, size = self.image_processor, self.image_processor.size
-        if "shortest_edge" in size:
-            s = size["shortest_edge"]
-            to = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-        else:
-            to = (size["height"], size["width"])
-        crop = (ip.crop_size["height"], ip.crop_size["width"]) if ip.do_center_crop else None
-        return Frame.resize((h, w), to, crop)
+        return fixed_size_frame(self.image_processor, image)
 
     def _cell(self, frame: Frame):
         return lambda r, c: frame.cell(r, c, self.patch, self.patch)

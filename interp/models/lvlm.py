@@ -49,6 +49,20 @@ class Frame:
         return self.box(y + r * ph, x + c * pw, y + (r + 1) * ph, x + (c + 1) * pw)
 
 
+def fixed_size_frame(ip, image: np.ndarray) -> Frame:
+    """The transform of a CLIP-style image processor: resize (shortest edge, or to a fixed size), then
+    an optional centre crop."""
+    h, w = image.shape[:2]
+    size = ip.size
+    if "shortest_edge" in size:
+        s = size["shortest_edge"]
+        to = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    else:
+        to = (size["height"], size["width"])
+    crop = (ip.crop_size["height"], ip.crop_size["width"]) if getattr(ip, "do_center_crop", False) else None
+    return Frame.resize((h, w), to, crop)
+
+
 def identity_resize_kwargs(ip, image: np.ndarray) -> dict:
     """Processor arguments that skip a resize (and centre crop) which would leave ``image``'s size
     unchanged: PIL's resize would only quantise it to 8 bits. For fixed-size processors (CLIP-style)."""
