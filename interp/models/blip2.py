@@ -42,7 +42,7 @@ from transformers import Blip2ForConditionalGeneration
 from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions, weight_hash
-from interp.models.lvlm import Frame, ProcessorAdapter, identity_resize_kwargs
+from interp.models.lvlm import Frame, ProcessorAdapter, block_site_shape, identity_resize_kwargs
 
 
 @dataclass
@@ -143,22 +143,20 @@ class Blip2Adapter(ProcessorAdapter):
             self.nn = _Envoys(self.model)
         self.weight_hash = weight_hash(self.model)
 
+    def vision_tokens(self) -> int:
+        return 1 + self.n_patches
+
+    def projector_tokens(self) -> int:
+        return self.n_queries
+
     def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
-        """Shape of one sample's value at ``site`` for an LM sequence of ``seq_len``."""
+        """As ProcessorAdapter's, plus the Q-Former: its queries, and cross-attention onto the patches."""
         s = S.parse(self.expand_sites([site])[0])
-        if s.tower == "vision":
-            n, d, heads = 1 + self.n_patches, self.vision_config.hidden_size, self.vision_config.num_attention_heads
-        elif s.tower == "qformer":
-            n, d, heads = self.n_queries, self.qformer_config.hidden_size, self.qformer_config.num_attention_heads
-            if s.point == "xattn.pattern":
-                return (heads, n, 1 + self.n_patches)
-        elif s.tower == "projector":
-            return (self.n_queries, self.text_config.hidden_size)
-        else:
-            n, d, heads = seq_len, self.text_config.hidden_size, self.text_config.num_attention_heads
-        if s.point == "logits":
-            return (n, self.text_config.vocab_size)
-        return (heads, n, n) if s.point == "attn.pattern" else (n, d)
+        if s.tower != "qformer":
+            return super().site_shape(site, seq_len)
+        if s.point == "xattn.pattern":
+            return (self.qformer_config.num_attention_heads, self.n_queries, 1 + self.n_patches)
+        return block_site_shape(s.point, self.n_queries, self.qformer_config)
 
     # --- inputs ------------------------------------------------------------------------
     def template(self, prompt: str) -> str:

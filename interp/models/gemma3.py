@@ -68,18 +68,11 @@ class Gemma3Adapter(ProcessorAdapter):
         hooks["lm.logits"] = Hook("lm_head")
         return hooks
 
-    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
-        """Shape of one sample's value at ``site`` for an LM sequence of ``seq_len``."""
-        s = S.parse(self.expand_sites([site])[0])
-        if s.tower == "vision":
-            n, d, heads = self.n_patches, self.vision_config.hidden_size, self.vision_config.num_attention_heads
-        elif s.tower == "projector":
-            return (self.pooled ** 2, self.text_config.hidden_size)
-        else:
-            n, d, heads = seq_len, self.text_config.hidden_size, self.text_config.num_attention_heads
-        if s.point == "logits":
-            return (n, self.text_config.vocab_size)
-        return (heads, n, n) if s.point == "attn.pattern" else (n, d)
+    def vision_tokens(self) -> int:
+        return self.n_patches
+
+    def projector_tokens(self) -> int:
+        return self.pooled ** 2
 
     # --- geometry ----------------------------------------------------------------------
     def image_token_ids(self) -> set[int]:

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
-from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions
 from interp.models.lvlm import Frame, ProcessorAdapter
@@ -117,18 +116,11 @@ class Idefics3Adapter(ProcessorAdapter):
         hooks["lm.logits"] = Hook("lm_head")
         return hooks
 
-    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
-        """Shape of one view's (vision, projector) or one row's (LM) value at ``site``."""
-        s = S.parse(self.expand_sites([site])[0])
-        if s.tower == "vision":
-            n, d, heads = self.n_patches, self.vision_config.hidden_size, self.vision_config.num_attention_heads
-        elif s.tower == "projector":
-            return (self.n_tokens, self.text_config.hidden_size)
-        else:
-            n, d, heads = seq_len, self.text_config.hidden_size, self.text_config.num_attention_heads
-        if s.point == "logits":
-            return (n, self.text_config.vocab_size)
-        return (heads, n, n) if s.point == "attn.pattern" else (n, d)
+    def vision_tokens(self) -> int:
+        return self.n_patches
+
+    def projector_tokens(self) -> int:
+        return self.n_tokens
 
     # --- geometry ----------------------------------------------------------------------
     def frame(self, image: np.ndarray, inputs, row: int) -> TiledFrame:

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions
 from interp.models.lvlm import Frame, ProcessorAdapter, fixed_size_frame, identity_resize_kwargs
@@ -45,18 +44,11 @@ class LlavaAdapter(ProcessorAdapter):
         hooks["lm.logits"] = Hook("lm_head")
         return hooks
 
-    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
-        """Shape of one sample's value at ``site`` for an LM sequence of ``seq_len``."""
-        s = S.parse(self.expand_sites([site])[0])
-        if s.tower == "vision":
-            n, d, heads = 1 + self.n_patches, self.vision_config.hidden_size, self.vision_config.num_attention_heads
-        elif s.tower == "projector":
-            return (self.n_patches + self.full, self.text_config.hidden_size)
-        else:
-            n, d, heads = seq_len, self.text_config.hidden_size, self.text_config.num_attention_heads
-        if s.point == "logits":
-            return (n, self.text_config.vocab_size)
-        return (heads, n, n) if s.point == "attn.pattern" else (n, d)
+    def vision_tokens(self) -> int:
+        return 1 + self.n_patches
+
+    def projector_tokens(self) -> int:
+        return self.n_patches + self.full
 
     # --- geometry ----------------------------------------------------------------------
     def processor_kwargs(self, image: np.ndarray) -> dict:

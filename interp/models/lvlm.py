@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, HookedAdapter, Positions
 
@@ -217,6 +218,24 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
         rng = np.random.default_rng(0)
         self._check_sites(self.encode([rng.random((32, 32), dtype=np.float32)], ["a"]))
 
+    def vision_tokens(self) -> int:  # pragma: no cover - per family
+        """Tokens of one vision-tower sequence (one image, or one view of a tiled image; CLS included)."""
+        raise NotImplementedError
+
+    def projector_tokens(self) -> int:  # pragma: no cover - per family
+        """Connector output tokens per image (or view)."""
+        raise NotImplementedError
+
+    def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
+        """Shape of one sample's value at ``site`` (vision and projector: one image's or view's) for an
+        LM sequence of ``seq_len``."""
+        s = S.parse(self.expand_sites([site])[0])
+        if s.tower == "projector":
+            return (self.projector_tokens(), self.text_config.hidden_size)
+        if s.tower == "vision":
+            return block_site_shape(s.point, self.vision_tokens(), self.vision_config)
+        return block_site_shape(s.point, seq_len, self.text_config)
+
     # --- contract ----------------------------------------------------------------------
     def readout(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """What metrics read: each row's next-token logits at its answer position [rows, vocab]."""
@@ -283,6 +302,14 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
     def ragged(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
         """Inputs whose first dimension is not the batch (per family)."""
         return {}
+
+
+def block_site_shape(point: str, n: int, cfg) -> tuple[int, ...]:
+    """Shape of a tower's site over ``n`` positions: attention weights [heads, n, n], logits [n, vocab],
+    everything else [n, hidden]."""
+    if point == "logits":
+        return (n, cfg.vocab_size)
+    return (cfg.num_attention_heads, n, n) if point == "attn.pattern" else (n, cfg.hidden_size)
 
 
 def prompt_spans(tok, ids: list[int], prompt: str, spans: Mapping[str, tuple[int, int]]) -> dict[str, list[int]]:

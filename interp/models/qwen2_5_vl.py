@@ -45,7 +45,7 @@ from transformers.processing_utils import ProcessorMixin
 from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks
-from interp.models.lvlm import Frame, ProcessorAdapter, load_processor
+from interp.models.lvlm import Frame, ProcessorAdapter, block_site_shape, load_processor
 
 
 @dataclass
@@ -124,18 +124,14 @@ class Qwen25VLAdapter(ProcessorAdapter):
         return hooks
 
     def site_shape(self, site: str, seq_len: int) -> tuple[int, ...]:
-        """Shape of one sample's value at ``site`` for an LM sequence of ``seq_len``; vision and projector
-        sites are packed over the batch's images without a batch dimension, so only their feature
-        dimension is given."""
+        """As ProcessorAdapter's for LM sites; vision and projector sites are packed over the batch's
+        images without a batch dimension, so only their feature dimension is given."""
         s = S.parse(self.expand_sites([site])[0])
         if s.tower == "vision":
             return (self.vision_config.hidden_size,)
         if s.tower == "projector":
             return (self.vision_config.out_hidden_size,)
-        n, d, heads = seq_len, self.text_config.hidden_size, self.text_config.num_attention_heads
-        if s.point == "logits":
-            return (n, self.text_config.vocab_size)
-        return (heads, n, n) if s.point == "attn.pattern" else (n, d)
+        return block_site_shape(s.point, seq_len, self.text_config)
 
     # --- inputs ------------------------------------------------------------------------
     def _smart_resize(self, h: int, w: int) -> tuple[int, int]:
