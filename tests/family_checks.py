@@ -35,6 +35,16 @@ def plain_hook_reads(adapter, batch: Batch) -> dict[str, torch.Tensor]:
     return got
 
 
+def hooked_logits(adapter, batch: Batch, module: str, fn) -> torch.Tensor:
+    """Logits of a plain HF forward with a plain forward hook (prepended) applying ``fn`` to ``module``'s output."""
+    h = adapter.model.get_submodule(module).register_forward_hook(lambda m, a, out: fn(out), prepend=True)
+    try:
+        with torch.no_grad():
+            return adapter.model(**batch.model_inputs()).logits
+    finally:
+        h.remove()
+
+
 def check_sites_against_hooks(adapter, batch: Batch, atol: float = 1e-5) -> None:
     """Every site read through the adapter equals the plain-hook read within ``atol``."""
     _, ours = adapter.run(batch, read=adapter.sites)

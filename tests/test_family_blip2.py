@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from family_checks import check_cache_api, check_positions, check_sites_against_hooks
+from family_checks import check_cache_api, check_positions, check_sites_against_hooks, hooked_logits
 from interp.errors import InterpError
 from interp.models import load
 from interp.models.blip2 import Blip2Adapter, save_tiny_blip2
@@ -135,16 +135,6 @@ def test_inputs_embeds_reproduces_logits(adapter, batch, clean):
         adapter.run(eb, read="qformer.blocks.0.resid_post")
 
 
-def _hooked_logits(adapter, batch, module: str, fn) -> torch.Tensor:
-    """Logits of a plain forward with a plain forward hook applying ``fn`` to ``module``'s output."""
-    h = adapter.model.get_submodule(module).register_forward_hook(lambda m, a, out: fn(out), prepend=True)
-    try:
-        with torch.no_grad():
-            return adapter.model(**batch.model_inputs()).logits
-    finally:
-        h.remove()
-
-
 @pytest.mark.parametrize("site,module", [
     ("projector.out", "language_projection"),
     ("qformer.blocks.0.xattn.out", "qformer.encoder.layer.0.crossattention.output.dense"),
@@ -161,7 +151,7 @@ def test_edit_matches_plain_hook(adapter, batch, clean, site, module):
         return x
 
     ours, _ = adapter.run(batch, edit={site: edit})
-    ref = _hooked_logits(adapter, batch, module, edit)
+    ref = hooked_logits(adapter, batch, module, edit)
     close(ours, ref, f"edit at {site}")
     assert not torch.allclose(ours, logits, atol=1e-3), "the edit did nothing"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from family_checks import check_cache_api, check_positions, check_sites_against_hooks
+from family_checks import check_cache_api, check_positions, check_sites_against_hooks, hooked_logits
 from interp.errors import InterpError
 from interp.models import load
 from interp.models.llava_next import LlavaNextAdapter, save_tiny_llava_next
@@ -179,15 +179,6 @@ def test_inputs_embeds_reproduces_logits(adapter, batch, clean):
         adapter.run(eb, read="projector.out")
 
 
-def _hooked_logits(adapter, batch, module: str, fn) -> torch.Tensor:
-    h = adapter.model.get_submodule(module).register_forward_hook(lambda m, a, out: fn(out), prepend=True)
-    try:
-        with torch.no_grad():
-            return adapter.model(**batch.model_inputs()).logits
-    finally:
-        h.remove()
-
-
 @pytest.mark.parametrize("site,module", [
     ("projector.out", "model.multi_modal_projector"),
     ("vision.blocks.0.resid_post", "model.vision_tower.encoder.layers.0"),
@@ -202,7 +193,7 @@ def test_edit_matches_plain_hook(adapter, batch, clean, site, module):
         return x
 
     ours, _ = adapter.run(batch, edit={site: edit})
-    ref = _hooked_logits(adapter, batch, module, edit)
+    ref = hooked_logits(adapter, batch, module, edit)
     close(ours, ref, f"edit at {site}")
     assert not torch.allclose(ours, logits, atol=1e-3), "the edit did nothing"
 
