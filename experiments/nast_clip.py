@@ -1,5 +1,6 @@
 """NAST comparison study on the CLIP organism: trace -> alphas -> base / uniform LoRA / NAST(beta) /
-shuffled / random alphas, at equal steps and seeds; mean ± std table, JSON and HTML under reports/nast/.
+shuffled / random alphas, at equal steps and seeds; mean ± std table, JSON and HTML under reports/nast/,
+the traced pairs in the results store ``reports/nast/cte.zarr`` (group ``nast``, read with ``open_store``).
 
     python experiments/nast_clip.py                      # default: clip-organism, 3 seeds, ~10 min on 2 cores
     python experiments/nast_clip.py --seeds 0,1,2,3,4 --steps 120 --betas 0.5,1,2,4
@@ -20,28 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xarray as xr
 
 METRICS = ("negated", "affirmative", "gap", "claims", "recall@1", "recall@5")
 
 
-def html_report(path: Path, study: dict) -> Path:
+def html_report(path: Path, study: dict, nast: xr.DataTree) -> Path:
+    """The study page; ``nast``: the trace's node of the results store."""
     import plotly.graph_objects as go
 
     from interp.report.html import esc, figure_divs, meta_list, table, write_page
 
-    cte = study["cte"]["pooled"]
-    roles, layers = cte["roles"], cte["layers"]
-    mean = np.array([[np.nan if v is None else v for v in row] for row in cte["mean"]])
-    lo = np.array([[np.nan if v is None else v for v in row] for row in cte["ci_low"]])
-    hi = np.array([[np.nan if v is None else v for v in row] for row in cte["ci_high"]])
+    roles, layers = nast["role"].values.tolist(), nast["layer"].values.tolist()
+    mean, lo, hi = (nast[k].values for k in ("cte_mean", "cte_ci_low", "cte_ci_high"))
     text = [[f"CTE {m:.3f} [{a:.3f}, {b:.3f}]" for m, a, b in zip(r1, r2, r3)] for r1, r2, r3 in zip(mean, lo, hi)]
     heat = go.Figure(go.Heatmap(z=mean.T, x=[f"L{l}" for l in layers], y=[esc(r) for r in roles], text=np.array(text, dtype=object).T,
                                 hoverinfo="text+x+y", colorscale="RdBu", zmid=1.0))
     heat.update_layout(title="CTE = s_traced / s per hidden state (L0 = embeddings) x role (1 = no effect, 0 = fully negated)",
                        height=380)
     prof = go.Figure()
-    for k, p in enumerate(study["cte"]["per_seed_profiles"]):
-        prof.add_trace(go.Scatter(x=list(range(len(p))), y=p, mode="lines+markers", name=f"data seed {study['cte']['seeds'][k]}"))
+    for seed in nast.attrs["per_seed"]:
+        p = np.array(seed["profile"], dtype=float)
+        prof.add_trace(go.Scatter(x=list(range(len(p))), y=p, mode="lines+markers", name=f"data seed {seed['seed']}"))
     prof.add_trace(go.Bar(x=list(range(1, len(study["alphas"]) + 1)), y=study["alphas"], name="alpha (block l-1)", opacity=0.4))
     prof.update_layout(title=f"per-layer effect profile ({esc(study['aggregate'])} over roles) and alphas", height=360,
                        xaxis_title="hidden state (block output)")
@@ -56,7 +57,7 @@ def html_report(path: Path, study: dict) -> Path:
         f"<h1>NAST on {esc(study['model'])}</h1>",
         meta_list([("command", study["command"]), ("seeds", study["seeds"]), ("steps", study["config"]["steps"]),
                    ("scale mode", study["config"]["scale_mode"]), ("seed rank correlation (Spearman, mean)",
-                                                                   f"{study['cte']['stability']['mean']:.3f}"),
+                                                                   f"{study['stability']['mean']:.3f}"),
                    ("wall time (s)", study["seconds"])]),
         "<h2>Comparison (%, mean ± std over seeds)</h2>",
         table(["method", "negated acc", "affirmative acc", "gap (aff - neg)", "claim acc", "R@1", "R@5"], rows),
@@ -86,8 +87,9 @@ def conclude(table: dict) -> str:
 
 def main(argv=None) -> int:
     from interp.models import load
-    from interp.nast.cte import trace_seeds
+    from interp.nast.cte import trace_seeds, write_trace
     from interp.nast.train import NastConfig, eval_set, evaluate, train_run
+    from interp.store import open_store
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="clip-organism")
@@ -111,9 +113,11 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     betas = [float(b) for b in a.betas.split(",")]
     adapter = load(a.model)
+    out = Path(a.out)
 
     print("tracing ...", flush=True)
     per_seed, pooled, stab, alphas = trace_seeds(adapter, seeds, a.trace_images, aggregate=a.aggregate, limit=a.trace_limit)
+    store = write_trace(str(out / "cte.zarr"), adapter, per_seed, pooled, stab, alphas, a.aggregate)
     print(f"  alphas {np.round(alphas, 3).tolist()}  seed rank correlation {stab['mean']:.3f} {stab['pairwise']}", flush=True)
 
     base_cfg = NastConfig(model=a.model, steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_mode=a.scale_mode,
@@ -138,23 +142,20 @@ def main(argv=None) -> int:
     study = {
         "model": getattr(adapter, "model_id", a.model), "command": "python experiments/nast_clip.py " + " ".join(argv or sys.argv[1:]),
         "seeds": seeds, "config": asdict(base_cfg), "aggregate": a.aggregate, "alphas": alphas.tolist(),
-        "cte": {"pooled": pooled.to_dict(), "stability": stab, "seeds": seeds,
-                "per_seed_profiles": [r.profile(a.aggregate).tolist() for r in per_seed]},
+        "cte_store": Path(store).name, "stability": stab,
         "table": table, "delta_norms": {k: np.mean(v, axis=0).tolist() for k, v in norms.items()},
         "runs": records, "base": base_metrics,
     }
     study["conclusion"] = conclude(table)
     study["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study, indent=1))
-    html_report(out / "study.html", study)
+    html_report(out / "study.html", study, open_store(store)["nast"])
     print(f"\n{'method':14s} " + " ".join(f"{m:>14s}" for m in METRICS))
     for name, r in table.items():
         print(f"{name:14s} " + " ".join(f"{100 * r[m]['mean']:6.1f} ± {100 * r[m]['std']:4.1f}" for m in METRICS))
     print(f"\nseed rank correlation of the CTE profile: {stab['mean']:.3f} {stab['pairwise']}")
     print(study["conclusion"])
-    print(f"wrote {out / 'study.json'} and {out / 'study.html'} ({study['seconds']:.0f}s)")
+    print(f"wrote {out / 'study.json'}, {out / 'study.html'} and {store} ({study['seconds']:.0f}s)")
     return 0
 
 

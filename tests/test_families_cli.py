@@ -8,16 +8,16 @@ import json
 
 import numpy as np
 import pytest
-import xarray as xr
 from PIL import Image
 
-from interp.cache import open_cache
 from interp.cache.__main__ import main as cache_main
 from interp.errors import InterpError
 from interp.models import load
 from interp.models.registry import FAMILIES
 from interp.models.tiny import BUILDERS, build_tiny
+from interp.store import open_store
 from interp.trace.__main__ import main as trace_main
+from interp.trace.sweep import read_sweep
 
 PROMPTS = ["is there a left pleural effusion ?", "is there a nodule on the right lung ?"]
 
@@ -53,14 +53,15 @@ def test_sweep_and_cache_run_on_every_family(name, checkpoints, folder, tmp_path
                        "--copies", "2", "--out", str(tmp_path / "sweep")]) == 0, capsys.readouterr().err
     adapter = load(model)
     # image corruption: every tower that sees the image (a dual encoder's text tower does not)
-    for group in [t for t in adapter.towers if t in ("vision", "lm") and (t != "vision" or adapter.vision_batched)]:
-        ds = xr.open_zarr(tmp_path / "sweep" / "sweep.zarr", group=group, consolidated=False)
+    towers = read_sweep(str(tmp_path / "sweep" / "sweep.zarr"))
+    assert set(towers) == {t for t in adapter.towers if t in ("vision", "lm") and (t != "vision" or adapter.vision_batched)}
+    for group, ds in towers.items():
         eff = ds.restored.values
         assert ds.sizes["layer"] == adapter.n_layers(group) and np.isfinite(eff[~np.isnan(eff)]).all()
     assert (tmp_path / "sweep" / "report.html").is_file()
     out = tmp_path / "cache.zarr"
     assert cache_main(["--model", model, "--data", str(folder), "--out", str(out), "--chunk-samples", "1"]) == 0
-    ds = open_cache(str(out))
+    ds = open_store(str(out))["acts"].to_dataset()
     assert ds.sizes["sample"] == 2 and ds.attrs["adapter"] == adapter.name
     # the cached LM/text values of a sample equal a direct run of the adapter on that sample's image and prompt
     tower = "lm" if "lm" in adapter.towers else "text"
@@ -68,8 +69,9 @@ def test_sweep_and_cache_run_on_every_family(name, checkpoints, folder, tmp_path
     img = np.asarray(Image.open(folder / "b.png"), np.float32)
     batch = adapter.encode([(img - img.min()) / (img.max() - img.min())], [PROMPTS[1]])
     _, cache = adapter.run(batch, read=site)
-    real = [i for i, k in enumerate(batch.positions[0].kinds) if k != "pad"]  # the cache stores pads as zeros
+    real = [i for i, k in enumerate(batch.positions[0].kinds) if k != "pad"]
     np.testing.assert_allclose(ds[site][1, real].values, cache[site][0, real].numpy(), atol=1e-5)
+    assert np.isnan(ds[site][1].values[~ds["valid"][1].values]).all()  # pads are NaN, marked invalid
 
 
 def test_clip_sweeps_both_towers_through_the_cli(tmp_path, capsys):
@@ -78,10 +80,10 @@ def test_clip_sweeps_both_towers_through_the_cli(tmp_path, capsys):
         rc = trace_main(["--layer-sweep", "--model", "clip-organism", "--sites", sites, "--corrupt", corrupt,
                          "--min-gap", "0", "--limit", "2", "--copies", "2", "--out", str(tmp_path / corrupt)])
         assert rc == 0, capsys.readouterr().err
-    vision = xr.open_zarr(tmp_path / "image" / "sweep.zarr", group="vision", consolidated=False)
+    vision = read_sweep(str(tmp_path / "image" / "sweep.zarr"))["vision"]
     assert vision.attrs["metric"] == "logit" and vision.sizes["position"] == 65  # CLS + 8 x 8 patches
     assert (vision.kind.values[0, 1:] == "image").all() and vision.mask_fraction.values.max() > 0
-    text = xr.open_zarr(tmp_path / "finding" / "sweep.zarr", group="text", consolidated=False)
+    text = read_sweep(str(tmp_path / "finding" / "sweep.zarr"))["text"]
     assert text.sizes["layer"] == 4
 
 

@@ -174,3 +174,54 @@ def test_tiny_training_deterministic(clip_adapter):
     b = train_run(clip_adapter, cfg, alphas=np.array([0.2, 1.0, 0.0]), evaluate_after=False)
     assert a.losses == b.losses and np.array_equal(a.delta_norms, b.delta_norms)
     assert a.delta_norms[2] == 0.0 and a.delta_norms[1] > 0  # alpha 0: that block never moves
+
+
+def test_trace_store_roundtrip(clip_adapter, tmp_path):
+    """trace_seeds -> write_trace -> open_store gives back every number of the run; alphas load from it."""
+    from interp.store import open_store
+
+    results, pooled, stab, alphas = C.trace_seeds(clip_adapter, [0, 1], 2, limit=2, min_margin=0.0)
+    url = C.write_trace(str(tmp_path / "cte.zarr"), clip_adapter, results, pooled, stab, alphas)
+    tree = open_store(url)
+    nast = tree["nast"]
+    assert tree["sample"].values.tolist() == pooled.ids and nast["seed"].values.tolist() == [0, 0, 1, 1]
+    assert tree["prompt"].values.tolist() == [p.negated for p in pooled.pairs]
+    assert tree.attrs["dataset"]["ref"] == "phantom-claims" and tree.attrs["dataset"]["seeds"] == [0, 1]
+    assert nast["role"].values.tolist() == list(C.ROLES) and nast["layer"].values.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(nast["cte"], pooled.values)
+    np.testing.assert_array_equal(nast["margin"], pooled.margin)
+    np.testing.assert_allclose(nast["cte"].sel(layer=0, role="negator"), 0.0, atol=1e-9)
+    np.testing.assert_allclose(nast["cte"].sel(layer=0, role="SOT"), 1.0, atol=1e-9)
+    lo, hi = pooled.ci()
+    for name, want in [("cte_mean", pooled.mean()), ("cte_ci_low", lo), ("cte_ci_high", hi), ("profile", pooled.profile())]:
+        np.testing.assert_array_equal(nast[name], want)
+    np.testing.assert_array_equal(nast["alpha"], [np.nan, *alphas])
+    for seed, r in zip(nast.attrs["per_seed"], results):
+        np.testing.assert_array_equal(np.array(seed["cte_mean"], float), r.mean())
+        np.testing.assert_array_equal(np.array(seed["profile"], float), r.profile())
+    np.testing.assert_allclose(np.array(nast.attrs["stability"]["mean"], float), stab["mean"], equal_nan=True)
+    np.testing.assert_array_equal(C.load_alphas(url, 3), alphas)
+
+
+def test_load_alphas_json(tmp_path):
+    path = tmp_path / "alphas.json"
+    path.write_text("[0.5, 1, 0]")
+    np.testing.assert_array_equal(C.load_alphas(str(path), 3), [0.5, 1.0, 0.0])
+    for text, match in [('["0.5", "1", "0"]', "must hold a JSON list of numbers"),
+                        ('{"alphas": [0.5, 1, 0]}', "must hold a JSON list of numbers"),
+                        ("[0.5, 1]", "length 2, but the text encoder has 3 layers"), ("[0.5, 1", "cannot read alphas")]:
+        path.write_text(text)
+        with pytest.raises(InterpError, match=match):
+            C.load_alphas(str(path), 3)
+    with pytest.raises(InterpError, match="no store"):
+        C.load_alphas(str(tmp_path / "missing.zarr"), 3)
+
+
+def test_cli_train_rejects_bad_alphas(tmp_path, capsys):
+    from interp.nast.__main__ import main
+
+    path = tmp_path / "alphas.json"
+    path.write_text('["a", "b"]')
+    assert main(["train", "--method", "nast", "--alphas", str(path)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the weights' progress bar
+    assert last.startswith("error: ") and "must hold a JSON list of numbers" in last

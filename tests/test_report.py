@@ -111,15 +111,6 @@ def test_drilldown_one_entry_per_sample(report):
         assert all(len(b.args[0]["z"]) == 1 + 3 * ds.sizes["layer"] for b in menu.buttons)
 
 
-@pytest.mark.filterwarnings("ignore:The data type", "ignore:Consolidated metadata")  # zarr v3 notices
-def test_zarr_roundtrip(tmp_path):
-    store = tmp_path / "sweep.zarr"
-    for i, t in enumerate(("lm", "vision")):
-        sweep(t).to_zarr(store, group=t, mode="w" if i == 0 else "a")
-    datasets = {t: xr.open_zarr(store, group=t) for t in ("lm", "vision")}
-    assert write_sweep_report(datasets, tmp_path / "r.html").stat().st_size > 1e6
-
-
 def test_renders_in_chromium(report):
     browser = os.environ.get("CHROMIUM") or shutil.which("chromium")
     if not browser:

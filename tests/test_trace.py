@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 
+from interp.store import open_store
 from interp.trace.__main__ import main
 from interp.trace.patching import Noise, metric_fn, restore_sweep, window_layers
 from interp.trace.reference import reference_trace
+from interp.trace.sweep import read_sweep
 
 PROMPT = "is there a pleural effusion on the left ? answer :"
 
@@ -166,8 +167,9 @@ def test_cli_user_image(organism_dir, tmp_path):
             "question : is there a nodule ? answer :", "--sites", "lm.blocks.2.resid_post", "--lm-positions", "span",
             "--copies", "2", "--min-gap", "0"]
     assert main(args) == 0
-    lm = xr.open_zarr(out / "sweep.zarr", group="lm")
-    assert lm.attrs["dataset"] == str(path) and lm.sizes["sample"] == 1
+    tree = open_store(str(out / "sweep.zarr"))
+    assert tree.attrs["dataset"]["ref"] == str(path) and tree["sweep/lm"].sizes["sample"] == 1
+    assert tree["image_path"].values.tolist() == [str(path)] and tree["thumbnail"].shape == (1, 64, 64)
 
 
 def test_cli_missing_weights(tmp_path, capsys):
@@ -182,8 +184,8 @@ def test_cli_end_to_end(organism_dir, tmp_path, capsys):
             "--vision-positions", "block4", "--lm-positions", "span"]
     assert main(args) == 0
     assert "report:" in capsys.readouterr().out
-    lm = xr.open_zarr(out / "sweep.zarr", group="lm")
-    vision = xr.open_zarr(out / "sweep.zarr", group="vision")
+    towers = read_sweep(str(out / "sweep.zarr"))
+    lm, vision = towers["lm"], towers["vision"]
     assert lm.sizes["sample"] == 2 and list(lm.layer.values) == [0, 3]
     assert set(lm.token.values[0]) >= {"image", "finding", "question"}
     assert vision.sizes["position"] == 1 + 4  # CLS + 2x2 blocks of 4x4 patches
@@ -199,15 +201,26 @@ def test_cli_end_to_end(organism_dir, tmp_path, capsys):
 
 def test_cli_nast_mode(organism_dir, tmp_path, capsys):
     """NAST tracing of the shipped CLIP organism: CTE of the negator at the embeddings is 0 by construction."""
-    import json
+    from interp.nast.cte import load_alphas
 
     assert main(["--layer-sweep", "--mode", "nast", "--model", str(organism_dir), "--out", str(tmp_path / "x")]) == 2
     assert "traces a text encoder" in capsys.readouterr().err
     out = tmp_path / "nast"
     assert main(["--layer-sweep", "--mode", "nast", "--limit", "2", "--out", str(out)]) == 0
-    pooled = json.loads((out / "cte.json").read_text())["pooled"]
-    negator = pooled["roles"].index("negator")
-    assert pooled["mean"][0][negator] == pytest.approx(0.0, abs=1e-6)  # the cue itself swapped at layer 0
-    assert pooled["mean"][0][pooled["roles"].index("SOT")] == pytest.approx(1.0, abs=1e-6)  # identical tokens
-    assert len(json.loads((out / "alphas.json").read_text())["alphas"]) == 4
+    tree = open_store(str(out / "cte.zarr"))
+    nast = tree["nast"]
+    assert tree.attrs["dataset"]["ref"] == "phantom-claims" and tree.attrs["dataset"]["seeds"] == [0, 1, 2]
+    assert nast.sizes["sample"] == 6 and sorted(set(nast["seed"].values.tolist())) == [0, 1, 2]
+    assert all(i.startswith(f"seed{s}/") for i, s in zip(tree["sample"].values, nast["seed"].values))
+    assert all(" no " in p for p in tree["prompt"].values) and set(tree["caption"].values) <= {"positive", "negated"}
+    layer0 = nast["cte"].sel(layer=0)  # per pair (float32 model: a margin of ~1e-1 leaves ~1e-6 of noise)
+    np.testing.assert_allclose(layer0.sel(role="negator"), 0.0, atol=1e-5)  # the cue itself swapped at layer 0
+    np.testing.assert_allclose(layer0.sel(role="SOT"), 1.0, atol=1e-5)  # identical tokens
+    assert float(nast["cte_mean"].sel(layer=0, role="negator")) == pytest.approx(0.0, abs=1e-6)
+    assert float(nast["cte_mean"].sel(layer=0, role="SOT")) == pytest.approx(1.0, abs=1e-6)
+    assert (nast["cte_ci_low"] <= nast["cte_mean"] + 1e-12).sel(layer=0, role=["SOT", "negator"]).all()
+    assert [s["seed"] for s in nast.attrs["per_seed"]] == [0, 1, 2] and nast.attrs["n_pairs"] == 6
+    alphas = load_alphas(str(out / "cte.zarr"), 4)
+    assert alphas.min() == 0.0 and alphas.max() == 1.0
+    np.testing.assert_array_equal(alphas, nast["alpha"].values[1:])
     assert "Negation tracing" in (out / "report.html").read_text()

@@ -1,5 +1,5 @@
-"""Zarr v3 activation cache: resumable chunk-aligned writer, lazy xarray reader, CLI (``python -m interp.cache``)."""
+"""Activation caching into the results store's ``acts`` group; CLI ``python -m interp.cache``."""
 
-from interp.cache.store import KIND_CODES, SCHEMA_VERSION, CacheWriter, open_cache, remove_store, span_mask
+from interp.cache.acts import KIND_CODES, acts_layout, sequence_rows
 
-__all__ = ["KIND_CODES", "SCHEMA_VERSION", "CacheWriter", "open_cache", "remove_store", "span_mask"]
+__all__ = ["KIND_CODES", "acts_layout", "sequence_rows"]

@@ -22,7 +22,8 @@ negative and >= 1 positive finding (instead of >= 3 and >= 2).
 
 Every item is validated on construction: each option (both variants) parses back to
 its label vector through `parse_option`, the 4 vectors are distinct, and exactly one
-equals the study's true labels.
+equals the study's true labels. `mcq_dataset` turns a benchmark into VQA-style items
+(one per item and variant, prompt `mcq_prompt`) that `load_dataset` gives the cache.
 
 **Contextual claims** (`contextual_claims`): attribute-level statements about a phantom
 (presence, laterality, zone, severity), each as a positive/negated minimal pair
@@ -43,8 +44,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from interp.data.images import load_image
 from interp.data.phantom import FINDINGS, SEVERITIES, SIDES, ZONES, PhantomSpec, sample_spec
-from interp.data.vqa import AFFIRMATIVE, FINDING_WORDS, SPLITS, VQADataset
+from interp.data.vqa import AFFIRMATIVE, FINDING_WORDS, SPLITS, VQADataset, VQAItem
 from interp.errors import InterpError
 
 FORMAT_VERSION = 1
@@ -694,8 +696,71 @@ def score_negation(negated_scores: np.ndarray, affirmative_scores: np.ndarray, c
 def mcq_prompt(item: MCQItem, variant: str) -> str:
     """Phantom-style LVLM prompt: "question : {q} a : {opt} b : ... d : {opt} answer :";
     the target is the lowercase letter (`item.correct_answer.lower()`)."""
-    opts = " ".join(f"{LETTERS[k].lower()} : {o}" for k, o in enumerate(item.choices(variant)))
-    return f"question : {item.question} {opts} answer :"
+    return mcq_prompt_spans(item, variant)[0]
+
+
+def mcq_prompt_spans(item: MCQItem, variant: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """`mcq_prompt` and its [start, end) character spans: `question` (its text),
+    `option_a`..`option_d` (the option texts) and `answer` (the final ":")."""
+    prompt = f"question : {item.question}"
+    spans = {"question": (len("question : "), len(prompt))}
+    for letter, option in zip(LETTERS, item.choices(variant)):
+        prompt += f" {letter.lower()} : "
+        spans[f"option_{letter.lower()}"] = (len(prompt), len(prompt) + len(option))
+        prompt += option
+    prompt += " answer :"
+    spans["answer"] = (len(prompt) - 1, len(prompt))
+    return prompt, spans
+
+
+@dataclass
+class MCQDataset:
+    """A benchmark as VQA-style items, with the interface of the other `load_dataset` data
+    sets: per MCQ item one item per variant (kind ``mcq-negation`` / ``mcq-affirmative``, answer and
+    target the correct letter lowercased). ``item.image`` indexes the phantoms
+    (``specs``) or the image files (``paths``); ``image(i)`` is float [H, W] in [0, 1]."""
+
+    bench: NegationBenchmark
+    name: str
+    items: list[VQAItem]
+    paths: list[Path] = field(default_factory=list)  # empty for phantom benchmarks
+
+    @property
+    def specs(self) -> list[PhantomSpec]:
+        return self.bench.specs or []
+
+    @property
+    def hash(self) -> str:
+        """sha256 over the benchmark, the items and the bytes of the image files they use."""
+        h = hashlib.sha256(self.bench.hash.encode())
+        h.update(json.dumps([asdict(it) for it in self.items], sort_keys=True).encode())
+        for i in sorted({it.image for it in self.items} if self.paths else ()):
+            h.update(self.paths[i].read_bytes())
+        return h.hexdigest()
+
+    def image(self, i: int) -> np.ndarray:
+        return load_image(self.paths[i]) if self.paths else self.bench.dataset().image(i)
+
+
+def mcq_dataset(bench: NegationBenchmark, name: str) -> MCQDataset:
+    """`bench` as an `MCQDataset`; a file benchmark's image files must all exist."""
+    files = [bench.image_path(i).resolve() for i in range(len(bench))] if bench.specs is None else []
+    paths = {p: k for k, p in enumerate(dict.fromkeys(files))}
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise InterpError(f"benchmark {name}: image {missing[0]} not found ({len(missing)} of {len(paths)} missing)")
+    items = []
+    for i, it in enumerate(bench.items):
+        image = paths[files[i]] if files else int(it.image)
+        key = it.study_id if it.subject_id == it.study_id else f"{it.subject_id}-{it.study_id}"
+        letter = it.correct_answer.lower()
+        for variant in VARIANTS:
+            prompt, spans = mcq_prompt_spans(it, variant)
+            items.append(VQAItem(id=f"{key}-{variant}", image=image, kind=f"mcq-{variant}", finding="",
+                                 mode="direct", prompt=prompt, target=letter, answer=letter, spans=spans))
+    if len({it.id for it in items}) != len(items):
+        raise InterpError(f"benchmark {name}: a (subject_id, study_id) appears twice")
+    return MCQDataset(bench, name, items, list(paths))
 
 
 # ---------------------------------------------------------------------------------------

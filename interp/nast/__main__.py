@@ -1,7 +1,7 @@
 """``python -m interp.nast``: negation tracing -> alphas, and one NAST training run.
 
     python -m interp.nast trace --model clip-organism --n-images 48 --seeds 0,1,2 --out reports/nast
-    python -m interp.nast train --method nast --beta 1 --alphas reports/nast/alphas.json
+    python -m interp.nast train --method nast --beta 1 --alphas reports/nast/cte.zarr
 
 The full comparison (base, uniform, NAST per beta, shuffled/random controls, >= 3 seeds) is
 ``python experiments/nast_clip.py``.
@@ -23,12 +23,12 @@ from interp.errors import InterpError
 
 def main(argv: Sequence[str] | None = None) -> int:
     from interp.models import load
-    from interp.nast.cte import save_trace, trace_seeds
+    from interp.nast.cte import load_alphas, trace_seeds, write_trace
     from interp.nast.train import NastConfig
 
     p = argparse.ArgumentParser(prog="python -m interp.nast", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("trace", help="CTE per layer x role on phantom claim pairs; writes cte.json + alphas.json")
+    t = sub.add_parser("trace", help="CTE per layer x role on phantom claim pairs and alphas; writes <out>/cte.zarr")
     t.add_argument("--model", default="clip-organism")
     t.add_argument("--n-images", type=int, default=48)
     t.add_argument("--seeds", default="0,1,2")
@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.add_argument(flag, action="store_true", default=f.default)
         else:
             r.add_argument(flag, type=type(f.default), default=f.default)
-    r.add_argument("--alphas", default=None, help="alphas.json from `trace` (needed by nast / shuffled)")
+    r.add_argument("--alphas", default=None, help="the cte.zarr store `trace` wrote, or a .json list of numbers "
+                                                  "(one per text block); needed by nast / shuffled")
     r.add_argument("--out", default=None, help="write the run's JSON here")
     args = p.parse_args(argv)
     try:
@@ -52,21 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             results, pooled, stab, alphas = trace_seeds(adapter, seeds, args.n_images, aggregate=args.aggregate,
                                                         min_margin=args.min_margin, limit=args.limit)
-            cte, alpha = save_trace(args.out, results, pooled, stab, alphas, args.model, args.aggregate)
+            store = write_trace(str(Path(args.out) / "cte.zarr"), adapter, results, pooled, stab, alphas, args.aggregate)
             print(f"profile ({args.aggregate}): {np.round(pooled.profile(args.aggregate), 3).tolist()}")
             print(f"alphas: {np.round(alphas, 3).tolist()}  seed rank correlation: {stab['mean']:.3f}")
-            print(f"wrote {cte} and {alpha}")
+            print(f"wrote {store}")
         else:
             from interp.nast.train import train_run
 
             cfg = NastConfig(**{f.name: getattr(args, f.name) for f in fields(NastConfig)})
-            alphas = None
-            if args.alphas:
-                try:
-                    alphas = json.loads(Path(args.alphas).read_text())["alphas"]
-                except (OSError, ValueError, KeyError) as e:
-                    raise InterpError(f"cannot read alphas from {args.alphas}: {e!r}") from None
-            res = train_run(load(cfg.model), cfg, alphas, progress=True)
+            adapter = load(cfg.model)
+            alphas = load_alphas(args.alphas, adapter.n_layers("text")) if args.alphas else None
+            res = train_run(adapter, cfg, alphas, progress=True)
             print(json.dumps(res.metrics, indent=1))
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,9 @@ the metric is ``logit(neg) - logit(pos)`` and the value is the normalised indire
 only) and ``mean`` are options. alpha for block l (the LoRA'd layer) uses the profile at
 hidden state l + 1 (that block's output); alpha = min-max normalisation over the blocks, so the
 least causal block gets alpha 0 (no update) and the most causal alpha 1.
+
+**Store**: ``write_trace`` writes a multi-seed run as group ``nast`` of a results store
+(``interp.store``; read with ``open_store``), ``load_alphas`` reads its alphas back for training.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,8 @@ import torch
 
 from interp.errors import InterpError
 from interp.models.adapter import Batch
+from interp.store import Field, SampleIndex, StoreWriter, open_store
+from interp.store.layout import digest
 from interp.trace.patching import Noise, restore_sweep
 
 ROLES = ("SOT", "there", "is/are", "negator", "subject_first", "subject_rest", ".", "EOT", "other")
@@ -155,7 +160,7 @@ def _rows_roles(adapter, batch, row: int, span_key: str = "finding") -> list[str
 class CTEResult:
     """``values[sample, layer, role]``: CTE (mode nast) or indirect effect (mode noise); NaN
     where a role is absent from a pair or a layer is not traced. ``margin[sample]`` is
-    logit(pos) - logit(neg) of the unpatched texts."""
+    logit(pos) - logit(neg) of the unpatched texts; ``pairs`` are the traced pairs, row by row."""
 
     values: np.ndarray
     margin: np.ndarray
@@ -163,6 +168,7 @@ class CTEResult:
     roles: tuple[str, ...] = ROLES
     ids: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    pairs: list[NegationPair] = field(default_factory=list)
 
     @property
     def n_layers(self) -> int:
@@ -197,17 +203,6 @@ class CTEResult:
             if aggregate == "negator":
                 return m[:, self.roles.index("negator")]
             return np.nanmax(m, axis=1) if aggregate == "max" else np.nanmean(m, axis=1)
-
-    def to_dict(self, n_boot: int = 1000) -> dict:
-        lo, hi = self.ci(n_boot=n_boot)
-        nan = lambda a: [[None if not np.isfinite(x) else float(x) for x in row] for row in a]
-        return {
-            "mode": self.mode, "roles": list(self.roles), "layers": list(range(self.n_layers)),
-            "n_samples": len(self.values), "mean": nan(self.mean()), "ci_low": nan(lo), "ci_high": nan(hi),
-            "margin_mean": float(np.mean(self.margin)) if len(self.margin) else None,
-            "profile_max": [None if not np.isfinite(x) else float(x) for x in self.profile("max")],
-            "meta": self.meta,
-        }
 
 
 class _quiet:
@@ -343,7 +338,7 @@ def negation_trace(adapter, pairs: Sequence[NegationPair], *, mode: str = "nast"
     (CTE divides by the margin) and counted in ``meta["dropped"]``."""
     if not pairs:
         raise InterpError("no negation pairs to trace")
-    vals, margins, ids, dropped = [], [], [], 0
+    vals, margins, ids, kept, dropped = [], [], [], [], 0
     it = progress(pairs) if progress else pairs
     for k, pair in enumerate(it):
         v, m = trace_pair(adapter, pair, mode=mode, noise_scale=noise_scale, copies=copies, seed=seed + k,
@@ -354,13 +349,14 @@ def negation_trace(adapter, pairs: Sequence[NegationPair], *, mode: str = "nast"
         vals.append(v)
         margins.append(m)
         ids.append(pair.id or str(k))
+        kept.append(pair)
     if not vals:
         raise InterpError(f"every pair has |logit(pos) - logit(neg)| <= {min_margin}: CTE is undefined")
     meta = {"mode": mode, "min_margin": min_margin, "dropped": dropped, "n_pairs": len(pairs),
             "model": getattr(adapter, "model_id", "?"), "aggregate_default": "max"}
     if mode == "noise":
         meta.update(noise_scale=noise_scale, copies=copies)
-    return CTEResult(np.stack(vals), np.asarray(margins), mode, ROLES, ids, meta)
+    return CTEResult(np.stack(vals), np.asarray(margins), mode, ROLES, ids, meta, kept)
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,28 +425,115 @@ def seed_stability(profiles: Sequence[Sequence[float]]) -> dict:
     return {"pairwise": rs, "mean": float(np.mean(vals)) if vals else float("nan")}
 
 
-def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes=("presence", "laterality"),
+def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes: Sequence[str] = ("presence", "laterality"),
                 aggregate: str = "max", min_margin: float = 0.1, limit: int | None = None, split: str = "val",
-                mode: str = "nast"):
-    """CTE per data seed, their pooled result, the per-seed profiles' rank stability, and alphas."""
+                mode: str = "nast") -> tuple[list[CTEResult], CTEResult, dict, np.ndarray]:
+    """CTE per data seed (ids ``seed<s>/<pair>``), their pooled result (its meta also records how the
+    pairs were built: seeds, split, n_images, attributes, limit), the per-seed profiles' rank
+    stability, and alphas."""
     results = []
     for s in seeds:
-        pairs = negation_pairs(n_images, s, split, attributes=attributes, limit=limit)
-        results.append(negation_trace(adapter, pairs, mode=mode, min_margin=min_margin))
+        r = negation_trace(adapter, negation_pairs(n_images, s, split, attributes=attributes, limit=limit),
+                           mode=mode, min_margin=min_margin)
+        results.append(replace(r, ids=[f"seed{s}/{i}" for i in r.ids]))
+    recipe = {"seeds": list(seeds), "split": split, "n_images": n_images, "attributes": list(attributes), "limit": limit}
     pooled = CTEResult(np.concatenate([r.values for r in results]), np.concatenate([r.margin for r in results]), mode,
                        results[0].roles, [i for r in results for i in r.ids],
-                       {**results[0].meta, "seeds": list(seeds), "dropped": sum(r.meta["dropped"] for r in results)})
+                       {**results[0].meta, **recipe, "dropped": sum(r.meta["dropped"] for r in results),
+                        "n_pairs": sum(r.meta["n_pairs"] for r in results)}, [p for r in results for p in r.pairs])
     stab = seed_stability([r.profile(aggregate) for r in results])
     return results, pooled, stab, alphas_from_cte(pooled, aggregate)
 
 
-def save_trace(out: str | Path, results: Sequence[CTEResult], pooled: CTEResult, stability: dict, alphas: np.ndarray,
-               model: str, aggregate: str = "max") -> tuple[Path, Path]:
-    """Write ``cte.json`` (pooled + per-seed CTE with CIs, seed stability) and ``alphas.json`` into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cte, alpha = out / "cte.json", out / "alphas.json"
-    cte.write_text(json.dumps({"pooled": pooled.to_dict(), "stability": stability,
-                               "per_seed": [r.to_dict(n_boot=200) for r in results]}, indent=1))
-    alpha.write_text(json.dumps({"alphas": np.asarray(alphas).tolist(), "aggregate": aggregate, "model": model}, indent=1))
-    return cte, alpha
+# ---------------------------------------------------------------------------------------
+# the results store
+
+COUNTS = ("dropped", "n_pairs")  # pooled.meta entries that are results, not settings
+NOT_CONFIG = (*COUNTS, "model", "aggregate_default")  # the model is in the run meta, the aggregate given
+QUANTITY = {"nast": "CTE = s_traced / s: 1 = the patch changes nothing, 0 = the patched positive scores like the negated",
+            "noise": "normalised indirect effect of restoring the negated text's state (layer 0 not traced: NaN)"}
+
+
+def _json(a: np.ndarray | float) -> list | float | None:
+    """Numbers as attributes hold them: NaN as null."""
+    return np.where(np.isfinite(a), a, None).tolist()
+
+
+def _samples(pooled: CTEResult) -> SampleIndex:
+    """One row per traced pair: prompt = the negated text; the data set is the phantom claim pairs' recipe."""
+    pairs = pooled.pairs
+    recipe = {k: pooled.meta[k] for k in ("seeds", "split", "n_images", "attributes", "limit")}
+    fields = {"prompt": [p.negated for p in pairs], "positive": [p.positive for p in pairs],
+              "caption": ["positive" if p.positive_true else "negated" for p in pairs],  # the text true for the image
+              "finding": [p.negated[slice(*p.negated_spans.get("finding", (0, 0)))] for p in pairs],
+              "spans": [json.dumps(p.negated_spans, sort_keys=True) for p in pairs],
+              "positive_spans": [json.dumps(p.positive_spans, sort_keys=True) for p in pairs]}
+    texts = [[i, p.positive, p.negated, p.positive_true] for i, p in zip(pooled.ids, pairs)]
+    name = (f"phantom claim pairs ({', '.join(recipe['attributes'])}) on {recipe['n_images']} {recipe['split']} "
+            f"phantoms per data seed {', '.join(map(str, recipe['seeds']))}")
+    return SampleIndex(list(pooled.ids), fields, dataset={"ref": "phantom-claims", "name": name,
+                                                          "hash": digest([recipe, texts]), **recipe})
+
+
+def write_trace(url: str, adapter, results: Sequence[CTEResult], pooled: CTEResult, stability: dict,
+                alphas: np.ndarray, aggregate: str = "max") -> str:
+    """Write a ``trace_seeds`` run as group ``nast`` of the results store at ``url`` (replacing it).
+
+    Sample index: one row per traced pair (see ``_samples``; thumbnails of its image). Group ``nast``:
+    ``cte`` [sample, layer, role], ``margin`` [sample], coordinate ``seed`` [sample] (data seed);
+    statics ``layer`` (hidden state: 0 = embeddings), ``role``, pooled ``cte_mean``, ``cte_ci_low``,
+    ``cte_ci_high`` [layer, role], ``profile`` [layer] and ``alpha`` [layer] (the alpha of the block whose
+    output is that hidden state; NaN at the embeddings). Node attrs: run meta and settings, ``n_pairs``,
+    ``dropped``, ``stability`` and ``per_seed`` (seed, counts, profile, cte_mean and its CI per data seed)."""
+    ci = {"level": 0.95, "n_boot": 1000}
+    lo, hi = pooled.ci(ci["level"], ci["n_boot"])
+    grid = ("layer", "role")
+    statics = {"layer": (("layer",), np.arange(pooled.n_layers), {}), "role": (("role",), np.asarray(pooled.roles), {}),
+               "cte_mean": (grid, pooled.mean(), {}), "cte_ci_low": (grid, lo, ci), "cte_ci_high": (grid, hi, ci),
+               "profile": (("layer",), pooled.profile(aggregate), {"aggregate": aggregate}),
+               "alpha": (("layer",), np.r_[np.nan, alphas], {"aggregate": aggregate})}
+    fields = {"cte": Field((pooled.n_layers, len(pooled.roles)), grid, "float64", float("nan"),
+                           {"quantity": QUANTITY[pooled.mode]}),
+              "margin": Field((), (), "float64", float("nan"), {"quantity": "logit(positive) - logit(negated)"}),
+              "seed": Field((), (), "int32", coord=True)}
+    meta = {"model_id": adapter.model_id, "weight_hash": adapter.weight_hash, "adapter": adapter.name,
+            "config": {**{k: v for k, v in pooled.meta.items() if k not in NOT_CONFIG}, "aggregate": aggregate}}
+    seeds = pooled.meta["seeds"]
+    per_seed = []
+    for s, r in zip(seeds, results):
+        slo, shi = r.ci(n_boot=200)
+        per_seed.append({"seed": s, **{k: r.meta[k] for k in COUNTS}, "profile": _json(r.profile(aggregate)),
+                         "cte_mean": _json(r.mean()), "cte_ci_low": _json(slo), "cte_ci_high": _json(shi)})
+    seed_of = np.repeat(np.asarray(seeds, np.int32), [len(r.values) for r in results])
+    writer = StoreWriter(url, "nast", samples=_samples(pooled), fields=fields, statics=statics, meta=meta,
+                         mode="overwrite")
+    for r in writer.pending():
+        rows = slice(r.start, r.stop)
+        writer.write(r.start, {"cte": pooled.values[rows], "margin": pooled.margin[rows], "seed": seed_of[rows]},
+                     [p.image for p in pooled.pairs[rows]])
+    writer.close({**{k: pooled.meta[k] for k in COUNTS}, "per_seed": per_seed,
+                  "stability": {"pairwise": {k: _json(v) for k, v in stability["pairwise"].items()},
+                                "mean": _json(stability["mean"])}})
+    return url
+
+
+def load_alphas(source: str, n_blocks: int) -> np.ndarray:
+    """Alphas from a trace store (``.../cte.zarr``, group ``nast``) or a ``.json`` file holding a list of
+    numbers, one per text block; InterpError in one line otherwise."""
+    if source.endswith(".json"):
+        try:
+            values = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as e:
+            raise InterpError(f"cannot read alphas from {source}: {e}") from None
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise InterpError(f"{source} must hold a JSON list of numbers (one alpha per text block), "
+                              f"got {json.dumps(values)[:80]}")
+    else:
+        tree = open_store(source)
+        if "nast" not in tree.children:
+            raise InterpError(f"store {source} holds no NAST trace (no nast group): write one with python -m interp.nast trace")
+        values = tree["nast"]["alpha"].sel(layer=slice(1, None)).values
+    try:
+        return check_alphas(values, n_blocks)
+    except InterpError as e:
+        raise InterpError(f"{source}: {e}") from None

@@ -11,7 +11,7 @@ statement into "there is a ..."), ``counterfactual`` (the image into the same im
 finding removed). Writes ``<out>/sweep.zarr`` (effects [sample, layer, position] per tower) and
 ``<out>/report.html``. ``nast``: NAST's tracing of a CLIP-style text encoder (default: the CLIP
 organism) - the negated text's states patched into the positive text's per layer and token role,
-CTE = s_traced / s - written to ``<out>/cte.json``, ``alphas.json`` and ``report.html``.
+CTE = s_traced / s - written to ``<out>/cte.zarr`` (group ``nast``, with the alphas) and ``report.html``.
 Bad input: one line on stderr, exit code 2, nothing written.
 """
 
@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 from transformers.utils import logging as hf_logging
 
+from interp.data.catalog import dataset_ref
 from interp.errors import InterpError
+from interp.store.ranks import process_group, rank_device
 from interp.trace.sweep import MODES, SweepConfig
 
 NAST_IMAGES = 48  # phantoms per data seed in --mode nast
 
 HELP = {
     "model": "model id or checkpoint folder ('organism' = the embedded one)",
-    "data": "phantom-{train,val,test}, a saved VQA data set (.json), or real images: a folder with prompts.csv/.jsonl "
+    "data": "phantom-{train,val,test}, mednega-phantom-{train,val,test}, a saved VQA data set or negation benchmark "
+            "(.json, MedNega .csv), or real images: a folder with prompts.csv/.jsonl "
             "(columns image, prompt[, answer]) or such a table",
     "image": "trace one image file (PNG/JPEG/DICOM) instead of a data set; needs --prompt",
     "prompt": "the prompt for --image; its answer is the model's own top prediction",
@@ -54,7 +56,7 @@ HELP = {
     "min_gap": "keep only samples whose corruption moves the metric by at least this (ROME keeps such cases)",
     "seed": "noise seed",
     "device": "torch device",
-    "out": "output folder (sweep.zarr + report.html)",
+    "out": "output folder (sweep.zarr, or cte.zarr in --mode nast, + report.html)",
 }
 
 
@@ -73,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> SweepConfig:
 def nast_sweep(cfg: SweepConfig) -> int:
     """NAST's text-encoder tracing on a CLIP-style model over phantom claim pairs, 3 data seeds."""
     from interp.models import load
-    from interp.nast.cte import save_trace, trace_seeds
+    from interp.nast.cte import trace_seeds, write_trace
     from interp.report.negation import write_cte_report
 
     adapter = load("clip-organism" if cfg.model == "organism" else cfg.model, device=cfg.device)
@@ -83,11 +85,11 @@ def nast_sweep(cfg: SweepConfig) -> int:
     results, pooled, stab, alphas = trace_seeds(adapter, seeds, NAST_IMAGES, limit=cfg.limit,
                                                 mode="nast" if cfg.corrupt == "negation" else "noise")
     out = Path(cfg.out)
-    save_trace(out, results, pooled, stab, alphas, adapter.model_id)
+    write_trace(str(out / "cte.zarr"), adapter, results, pooled, stab, alphas)
     write_cte_report(pooled, stab, alphas, out / "report.html", f"Negation tracing ({pooled.mode}): {adapter.model_id}")
     print(f"{len(pooled.values)} pairs over seeds {seeds}; per-layer profile rank correlation between seeds "
           f"{stab['mean']:.3f}; alphas {[round(float(a), 3) for a in alphas]}")
-    for name in ("cte.json", "alphas.json", "report.html"):
+    for name in ("cte.zarr", "report.html"):
         print(f"{name}: {out / name}")
     return 0
 
@@ -96,48 +98,57 @@ def file_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    hf_logging.disable_progress_bar()  # keep stderr to our own bars and one-line errors
-    try:
-        cfg.validate()
-        from interp.data.catalog import load_dataset
-        from interp.models import load
-        from interp.report import write_sweep_report
-        from interp.trace.sweep import image_pair, is_lvlm, run_sweep, select_pairs
+def sweep(cfg: SweepConfig) -> Path:
+    """Run the layer sweep into ``<out>/sweep.zarr`` and write ``<out>/report.html``; returns ``out``."""
+    from interp.data.catalog import load_dataset
+    from interp.models import load
+    from interp.report import write_sweep_report
+    from interp.store import SampleIndex
+    from interp.trace.sweep import image_pair, is_lvlm, read_sweep, run_sweep, select_pairs
 
-        if cfg.mode == "nast":
-            return nast_sweep(cfg)
-        adapter = load(cfg.model, device=cfg.device)
+    out = Path(cfg.out)
+    with process_group() as (rank, _):
+        adapter = load(cfg.model, device=rank_device(cfg.device))
         if cfg.image:
-            pairs, source = [image_pair(cfg.image, cfg.prompt)], (cfg.image, file_hash(cfg.image))
+            pairs = [image_pair(cfg.image, cfg.prompt)]
+            ref = {"ref": str(Path(cfg.image).resolve()), "limit": None, "name": Path(cfg.image).name,
+                   "hash": file_hash(cfg.image)}
+
+            def samples(items):
+                return SampleIndex.from_items(items, ref, SimpleNamespace(paths={-1: ref["ref"]}))
         else:
             data = load_dataset(cfg.data)
-            pairs, source = select_pairs(data, cfg, is_lvlm(adapter)), (data.name, data.hash)
-        results = run_sweep(adapter, pairs, cfg, source)
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".sweep-", dir=out.parent))
-        try:  # written aside, then moved into place: an interrupted run leaves nothing half-written
-            for name, ds in results.items():
-                ds.to_zarr(tmp / "sweep.zarr", group=name, mode="a", consolidated=False)
-            write_sweep_report(results, tmp / "report.html", title=f"Layer sweep: {cfg.mode} / {cfg.corrupt}")
-            for name in ("sweep.zarr", "report.html"):
-                if (out / name).exists():
-                    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-            out.mkdir(exist_ok=True)
-            for name in ("sweep.zarr", "report.html"):
-                (tmp / name).rename(out / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except InterpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+
+            def samples(items):
+                return SampleIndex.from_data(data, items, dataset_ref(cfg.data))
+
+            pairs = select_pairs(data, cfg, is_lvlm(adapter))
+        run_sweep(adapter, pairs, cfg, samples, str(out / "sweep.zarr"))
+        if rank > 0:
+            return out
+    results = read_sweep(str(out / "sweep.zarr"))
+    tmp = out / ".report.html.new"  # written aside, then moved into place: never a half-written report
+    write_sweep_report(results, tmp, title=f"Layer sweep: {cfg.mode} / {cfg.corrupt}")
+    tmp.replace(out / "report.html")
     for name, ds in results.items():
         print(f"{name}: {ds.sizes['sample']} samples x {ds.sizes['layer']} layers x {ds.sizes['position']} positions "
               f"in {ds.attrs['elapsed_s']} s; peak mean effect {float(ds.effect.mean('sample').max()):.3f}")
     print(f"sweep:  {out / 'sweep.zarr'}")
     print(f"report: {out / 'report.html'}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    hf_logging.disable_progress_bar()  # keep stderr to our own bars and one-line errors
+    try:
+        cfg.validate()
+        if cfg.mode == "nast":
+            return nast_sweep(cfg)
+        sweep(cfg)
+    except InterpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -1,8 +1,9 @@
 """Layer sweeps over a data set: pick samples, build clean/corrupted pairs, run restore sweeps, store.
 
-Written against the adapter contract only (any family: LLaVA-style LVLMs, dual encoders). Results
-are one ``xarray.Dataset`` per (tower, point), with dims (sample, layer, position), written
-to a Zarr store (one group each) that ``interp.report.write_sweep_report`` turns into HTML.
+Written against the adapter contract only (any family: LLaVA-style LVLMs, dual encoders). Results go
+to the ``sweep`` group of a results store (``interp.store``), one subgroup per (tower, point) with
+dims (sample, layer, position), keyed by the store's sample index; ``read_sweep`` gives them back
+as Datasets that ``interp.report.write_sweep_report`` turns into HTML.
 """
 
 from __future__ import annotations
@@ -12,23 +13,25 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import xarray as xr
-from tqdm import tqdm
 
-from interp import __version__
 from interp import sites as S
 from interp.data.folder import FolderDataset
 from interp.data.images import load_image
+from interp.data.negation import MCQDataset
 from interp.data.phantom import render
 from interp.data.vqa import VQADataset, VQAItem
 from interp.errors import InterpError
 from interp.models.adapter import Adapter, Batch, Positions
+from interp.store import Field, SampleIndex, StoreWriter, open_store
+from interp.store.ranks import rank_world, write_all
 from interp.trace.patching import POINTS, Noise, SweepResult, metric_fn, restore_sweep
 
+SWEEP_CHUNK = 1  # samples per stored chunk: a sample's sweep is the unit of resumption
 CANDIDATES = 4  # samples considered per sample kept (see SweepConfig.min_gap)
 MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual"),
          "nast": ("negation", "noise")}
@@ -99,13 +102,13 @@ def is_lvlm(adapter: Adapter) -> bool:
     return "lm" in adapter.towers
 
 
-def select_pairs(data: VQADataset | FolderDataset, cfg: SweepConfig, lvlm: bool = True) -> list[Pair]:
+def select_pairs(data: VQADataset | FolderDataset | MCQDataset, cfg: SweepConfig, lvlm: bool = True) -> list[Pair]:
     """Samples for the mode, round-robin over findings so a small ``limit`` still covers several.
 
     Phantoms: presence questions with a finding (dual encoders: the positive statement "there is a
-    X ."), or negated statements for negation modes. Real images with prompts: every row, traced
-    for the model's own answer against its runner-up."""
-    if isinstance(data, FolderDataset):
+    X ."), or negated statements for negation modes. Real images with prompts and benchmark items:
+    every row, traced for the model's own answer against its runner-up."""
+    if not isinstance(data, VQADataset):  # real images, benchmarks: no phantom pairs
         if cfg.mode != "trace" or cfg.corrupt != "image":
             raise InterpError(f"--mode {cfg.mode} --corrupt {cfg.corrupt} needs phantom data (pairs with ground truth); "
                               "real images trace with --mode trace --corrupt image")
@@ -248,8 +251,11 @@ def sweep_towers(adapter: Adapter, cfg: SweepConfig) -> dict[tuple[str, str], li
     return towers
 
 
-def run_sweep(adapter: Adapter, pairs: list[Pair], cfg: SweepConfig, source: tuple[str, str]) -> dict[str, xr.Dataset]:
-    """Sweep every (tower, point) the sites name over ``pairs``; ``source`` = (data set name, hash)."""
+def run_sweep(adapter: Adapter, pairs: list[Pair], cfg: SweepConfig, samples: Callable[[list[VQAItem]], SampleIndex],
+              out: str) -> str:
+    """Sweep every (tower, point) the sites name over ``pairs`` into the ``sweep`` group of the store at
+    ``out`` (resumed if made the same way, else replaced); ``samples`` gives the kept items' index.
+    Ranks of a launcher (``torchrun``) sweep disjoint sample chunks of one store. Returns ``out``."""
     cfg.validate()
     lvlm = is_lvlm(adapter)
     metric_kind = cfg.metric or ("prob" if lvlm else "logit")
@@ -290,20 +296,41 @@ def run_sweep(adapter: Adapter, pairs: list[Pair], cfg: SweepConfig, source: tup
     if not kept:
         raise InterpError(f"no sample among {len(candidates)} where the corruption moves the {metric_kind} by >= "
                           f"{cfg.min_gap}: lower --min-gap or check the model")
-    if len(kept) < checked:
+    rank, world = rank_world()
+    if len(kept) < checked and rank == 0:
         print(f"kept {len(kept)} of {checked} candidate samples (corruption gap >= {cfg.min_gap})", file=sys.stderr)
-    out: dict[str, xr.Dataset] = {}
-    for (tower, point), layers in towers.items():
-        rows = []
-        t0 = time.perf_counter()
-        for i in tqdm(kept, desc=f"sweep {tower}.{point}", unit="sample"):
-            groups, labels = position_groups(adapter, tower, encoded[i][0], cfg)
-            res = sweep(i, tower, layers, groups, point)
+    labels = {(i, t): position_groups(adapter, t, encoded[i][0], cfg) for i in kept for t, _ in towers}
+    names = {key: key[0] if key[1] == "resid_post" else f"{key[0]}.{key[1]}" for key in towers}
+    fields, statics, attrs = _sweep_layout(adapter, cfg, towers, names, [candidates[i] for i in kept],
+                                           {k: v[1] for k, v in labels.items()}, stds, metric_kind)
+    meta = {"model_id": adapter.model_id, "weight_hash": adapter.weight_hash, "adapter": adapter.name,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}}
+
+    def open_writer(create: bool) -> StoreWriter:
+        return StoreWriter(out, "sweep", samples=samples([candidates[i].item for i in kept]), fields=fields,
+                           statics=statics, group_attrs=attrs, meta=meta, chunk_samples=SWEEP_CHUNK,
+                           mode="replace", create=create)
+
+    elapsed = dict.fromkeys(names.values(), 0.0)
+
+    def chunk(r: range) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        arrays: dict[str, list] = {}
+        for i in (kept[j] for j in r):
             p = candidates[i]
-            answer = adapter.tokenizer.convert_ids_to_tokens(targets[i][0]) if lvlm else p.item.answer
-            rows.append((p, res, labels, mask_fraction(p.mask, labels), answer))
-        out[tower if point == "resid_post" else f"{tower}.{point}"] = _dataset(
-            rows, layers, tower, point, cfg, adapter, source, time.perf_counter() - t0, stds.get(tower, 0.0), metric_kind)
+            for (tower, point), layers in towers.items():
+                t0 = time.perf_counter()
+                groups, lab = labels[(i, tower)]
+                res = sweep(i, tower, layers, groups, point)
+                elapsed[names[(tower, point)]] += time.perf_counter() - t0
+                answer = adapter.tokenizer.convert_ids_to_tokens(targets[i][0]) if lvlm else p.item.answer
+                for k, v in _sweep_row(res, lab, mask_fraction(p.mask, lab), answer, fields, names[(tower, point)]).items():
+                    arrays.setdefault(k, []).append(v)
+            image = np.zeros(fields["image"].shape, np.float32)  # top-left aligned: boxes stay true
+            image[: p.clean_image.shape[0], : p.clean_image.shape[1]] = p.clean_image
+            arrays.setdefault("image", []).append(image)
+        return {k: np.stack(v) for k, v in arrays.items()}, [candidates[kept[j]].clean_image for j in r]
+
+    write_all(open_writer, chunk, "sweep", lambda: {"elapsed_s": {k: round(v, 2) for k, v in elapsed.items()}})
     return out
 
 
@@ -315,53 +342,69 @@ def _target_ids(adapter: Adapter, p: Pair, clean: Batch) -> list[int]:
     return adapter.readout(logits, clean)[0].topk(2).indices.tolist()
 
 
-def _dataset(
-    rows: list, layers: list[int], tower: str, point: str, cfg: SweepConfig, adapter: Adapter,
-    source: tuple[str, str], elapsed: float, std: float, metric: str,
-) -> xr.Dataset:
-    """The sweep of one (tower, point) in the layout ``interp.report`` reads."""
-    n = max(len(r[2]["kind"]) for r in rows)
-
-    def padded(key, fill, dtype):
-        return np.array([list(r[2][key]) + [fill] * (n - len(r[2][key])) for r in rows], dtype=dtype)
-
-    restored = np.full((len(rows), len(layers), n), np.nan, np.float32)
-    for i, (_, res, labels, _, _) in enumerate(rows):
-        restored[i, :, : res.restored.shape[1]] = res.restored
-    clean = np.array([r[1].clean for r in rows], np.float32)
-    corrupted = np.array([r[1].corrupted for r in rows], np.float32)
-    cells = [(r, c) for row in rows for kind, r, c in zip(row[2]["kind"], row[2]["row"], row[2]["col"]) if kind == "image" and r >= 0]
-    h, w = (max(r[0].clean_image.shape[d] for r in rows) for d in (0, 1))
-    images = np.zeros((len(rows), h, w), np.float32)  # images of different sizes: top-left aligned (boxes stay true)
-    for i, r in enumerate(rows):
-        images[i, : r[0].clean_image.shape[0], : r[0].clean_image.shape[1]] = r[0].clean_image
-    return xr.Dataset(
-        {
-            "restored": (("sample", "layer", "position"), restored),
-            "effect": (("sample", "layer", "position"),
-                       ((restored - corrupted[:, None, None]) / (clean - corrupted)[:, None, None]).astype(np.float32)),
-            "clean": ("sample", clean),
-            "corrupted": ("sample", corrupted),
-            "kind": (("sample", "position"), padded("kind", "pad", str)),
-            "row": (("sample", "position"), padded("row", -1, np.int16)),
-            "col": (("sample", "position"), padded("col", -1, np.int16)),
-            "token": (("sample", "position"), padded("token", "", str)),
-            "mask_fraction": (("sample", "position"), np.array([r[3] + [0.0] * (n - len(r[3])) for r in rows], np.float32)),
-            "image": (("sample", "y", "x"), images),
-            "question": ("sample", [r[0].item.prompt for r in rows]),
-            "answer": ("sample", [r[4] for r in rows]),
-            "finding": ("sample", [r[0].item.finding for r in rows]),
-        },
-        coords={"sample": [r[0].item.id for r in rows], "layer": list(layers), "position": np.arange(n)},
-        attrs={
-            "tower": tower, "mode": cfg.mode,
-            "corrupt": cfg.corrupt if cfg.mode == "trace" else f"pair:{cfg.corrupt}",
+def _sweep_layout(adapter: Adapter, cfg: SweepConfig, towers: dict, names: dict, pairs: list[Pair], labels: dict,
+                  stds: dict, metric: str) -> tuple[dict[str, Field], dict, dict]:
+    """(fields, statics, subgroup attrs) of the ``sweep`` group: per tower ``<t>/restored``,
+    ``<t>/effect`` [sample, layer, position] (NaN past a sample's own positions, ``valid`` False),
+    ``clean``, ``corrupted``, ``answer`` and position labels; ``image`` [sample, y, x] shared."""
+    h, w = (max(p.clean_image.shape[d] for p in pairs) for d in (0, 1))
+    fields: dict[str, Field] = {"image": Field((h, w), ("y", "x"), "float32")}
+    statics, attrs = {}, {}
+    for (tower, point), layers in towers.items():
+        name = names[(tower, point)]
+        own = [lab for (_, t), lab in labels.items() if t == tower]
+        n = max(len(lab["kind"]) for lab in own)
+        cells = [(r, c) for lab in own for k, r, c in zip(lab["kind"], lab["row"], lab["col"]) if k == "image" and r >= 0]
+        pos = (n,), ("position",)
+        fields |= {f"{name}/restored": Field((len(layers), n), ("layer", "position"), "float32", float("nan")),
+                   f"{name}/effect": Field((len(layers), n), ("layer", "position"), "float32", float("nan")),
+                   f"{name}/clean": Field((), (), "float32", float("nan")),
+                   f"{name}/corrupted": Field((), (), "float32", float("nan")),
+                   f"{name}/answer": Field((), (), "str", ""),
+                   f"{name}/kind": Field(*pos, "str", "pad", coord=True),
+                   f"{name}/row": Field(*pos, "int16", -1, coord=True),
+                   f"{name}/col": Field(*pos, "int16", -1, coord=True),
+                   f"{name}/token": Field(*pos, "str", "", coord=True),
+                   f"{name}/valid": Field(*pos, "bool", False, coord=True),
+                   f"{name}/mask_fraction": Field(*pos, "float32", 0.0)}
+        statics[f"{name}/layer"] = (("layer",), np.asarray(layers), {})
+        attrs[name] = {
+            "tower": tower, "mode": cfg.mode, "corrupt": cfg.corrupt if cfg.mode == "trace" else f"pair:{cfg.corrupt}",
             "metric": metric, "point": point, "window": cfg.window,
             "granularity": cfg.lm_positions if tower == "lm" else cfg.vision_positions,
             "grid_rows": 1 + max((r for r, _ in cells), default=-1), "grid_cols": 1 + max((c for _, c in cells), default=-1),
-            "model_id": adapter.model_id, "weight_hash": adapter.weight_hash,
-            "dataset": source[0], "dataset_hash": source[1], "noise_std": std,
-            "copies": cfg.copies if cfg.mode == "trace" else 0, "seed": cfg.seed, "elapsed_s": round(elapsed, 2),
-            "code_version": __version__, "config": str(asdict(cfg)),
-        },
-    )
+            "noise_std": stds.get(tower, 0.0), "copies": cfg.copies if cfg.mode == "trace" else 0, "seed": cfg.seed}
+    return fields, statics, attrs
+
+
+def _sweep_row(res: SweepResult, labels: dict, fraction: list[float], answer: str, fields: dict[str, Field],
+               name: str) -> dict[str, np.ndarray]:
+    """One sample's arrays of tower ``name``, padded to the stored number of positions."""
+    n, m = fields[f"{name}/kind"].shape[0], res.restored.shape[1]
+
+    def pad(values: list, key: str) -> np.ndarray:
+        f = fields[f"{name}/{key}"]
+        return np.array(list(values) + [f.fill] * (n - len(values)), dtype=object if f.dtype == "str" else f.dtype)
+
+    restored = np.full(fields[f"{name}/restored"].shape, np.nan, np.float32)
+    restored[:, :m] = res.restored
+    return {f"{name}/restored": restored, f"{name}/effect": ((restored - res.corrupted) / (res.clean - res.corrupted)).astype(np.float32),
+            f"{name}/clean": np.float32(res.clean), f"{name}/corrupted": np.float32(res.corrupted),
+            f"{name}/answer": np.array(answer, dtype=object), f"{name}/valid": np.arange(n) < m,
+            f"{name}/mask_fraction": pad(fraction, "mask_fraction"),
+            **{f"{name}/{k}": pad(labels[k], k) for k in ("kind", "row", "col", "token")}}
+
+
+def read_sweep(url: str) -> dict[str, xr.Dataset]:
+    """A sweep store as one Dataset per tower (with ``question``, ``finding`` and ``image``), as
+    ``interp.report.write_sweep_report`` reads it."""
+    tree = open_store(url)
+    if "sweep" not in tree.children:
+        raise InterpError(f"store {url} holds no sweep")
+    image = tree["sweep"]["image"].variable
+    out = {}
+    for name, node in tree["sweep"].children.items():
+        ds = node.to_dataset().assign(image=image).assign_coords(question=tree["prompt"].variable,
+                                                                 finding=tree["finding"].variable)
+        out[name] = ds.assign_attrs(elapsed_s=ds.attrs["elapsed_s"][name])
+    return out
