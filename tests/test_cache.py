@@ -104,3 +104,33 @@ def test_cli_resume_and_errors(tmp_path: Path, organism: Path, capsys) -> None:
     assert cli(organism, tmp_path / "bad.zarr", "--sites", "lm.blocks.9.resid_post") == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: layer out of range")
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_join_sweep_cache_and_samples(tmp_path: Path, organism: Path) -> None:
+    """One sample's sweep effects, cached activations and metadata, through the reader alone."""
+    from interp.data.catalog import load_dataset
+    from interp.models import load
+    from interp.store import join_stores
+    from interp.trace.__main__ import main as trace_main
+
+    data = load_dataset("phantom-test").filter(kinds=["presence"], modes=["direct"])
+    saved = str(data.save(tmp_path / "presence.json"))
+    assert trace_main(["--layer-sweep", "--model", str(organism), "--data", saved, "--limit", "2", "--copies", "2",
+                       "--min-gap", "0", "--sites", "lm.blocks.1.resid_post", "--out", str(tmp_path / "sweep")]) == 0
+    assert cli(organism, tmp_path / "c.zarr", "--data", saved, "--limit", str(len(data.items))) == 0
+    tree = join_stores(str(tmp_path / "sweep" / "sweep.zarr"), str(tmp_path / "c.zarr"))
+    assert tree["sample"].size == 2 and set(tree.children) == {"sweep", "acts"}
+    item = str(tree["sample"].values[1])
+    one = tree.sel(sample=item)
+    it = next(x for x in data.items if x.id == item)
+    assert one["prompt"].values == it.prompt and one["finding"].values == it.finding
+    adapter = load(str(organism))
+    batch = adapter.encode([data.image(it.image)], [it.prompt], [it.spans])
+    _, ref = adapter.run(batch, read="lm.blocks.1.resid_post")
+    width = batch.input_ids.shape[1]
+    np.testing.assert_allclose(one["acts"]["lm.blocks.1.resid_post"].values[:width], ref["lm.blocks.1.resid_post"][0],
+                               atol=1e-5)
+    assert one["acts"]["token_text"].values[:width].tolist() == batch.positions[0].tokens
+    lm = one["sweep/lm"]
+    assert lm["token"].values[:width].tolist() == batch.positions[0].tokens  # the same positions, labelled alike
+    assert np.isfinite(lm["effect"].values[:, :width]).all() and np.isnan(lm["effect"].values[:, width:]).all()

@@ -258,3 +258,22 @@ def test_discard_leaves_nothing(tmp_path: Path, full: Path) -> None:
     w = StoreWriter(str(full), "extra", samples=INDEX, fields={"s": Field((), (), "float32")}, meta={}, chunk_samples=CS)
     w.discard()  # a group added to an existing store: only the group goes
     assert "extra" not in zarr.open_group(str(full), mode="r") and open_store(str(full))["run"].attrs["complete"]
+
+
+def test_join_stores_errors(tmp_path: Path, full: Path) -> None:
+    from interp.store import join_stores
+
+    with pytest.raises(InterpError, match="/run is in more than one"):
+        join_stores(str(full), str(full))
+    other = SampleIndex(["z"], dataset={**INDEX.dataset, "hash": "d1"})
+    w = StoreWriter(str(tmp_path / "o.zarr"), "o", samples=other, fields={"s": Field((), (), "float32")}, meta={})
+    w.write(0, {"s": np.zeros(1)})
+    w.close()
+    with pytest.raises(InterpError, match="another data set"):
+        join_stores(str(full), str(tmp_path / "o.zarr"))
+    w = StoreWriter(str(tmp_path / "p.zarr"), "p", samples=SampleIndex(["z"], dataset=INDEX.dataset),
+                    fields={"s": Field((), (), "float32")}, meta={})
+    w.write(0, {"s": np.zeros(1)})
+    w.close()
+    with pytest.raises(InterpError, match="share no sample"):
+        join_stores(str(full), str(tmp_path / "p.zarr"))

@@ -5,7 +5,7 @@ Per site ``<site>``: dtype [sample, position, d]. Sequence sites (LM / text towe
 NaN in activations and ``valid`` False (no silent zero padding: ``ds[site].mean("sample")`` skips
 them). Grid sites (vision tower, projector) get ``<tower>_position`` with static coordinates
 ``<dim>_kind/_row/_col`` (cls: kind 1, row/col -1). Coordinates over [sample, position]: ``tokens``
-(pad -1), ``position_kind`` (codes in attrs), ``position_row/_col`` (patch of image tokens, else -1),
+(pad -1), ``token_text``, ``position_kind`` (codes in attrs), ``position_row/_col`` (patch of image tokens, else -1),
 ``position_span`` (bit i = in span attrs ``names[i]``), ``valid``.
 """
 
@@ -69,6 +69,7 @@ def acts_layout(site_shapes: Mapping[str, tuple[int, int]], grids: Mapping[str, 
                         f"{pos}_col": ((pos,), np.r_[cls, patch % cols].astype(np.int16), {})}
     seq = ((seq_len,), ("position",))
     fields |= {"tokens": Field(*seq, "int32", -1, coord=True),
+               "token_text": Field(*seq, "str", "", coord=True),
                "position_kind": Field(*seq, "int8", 0, {"codes": KIND_CODES}, coord=True),
                "position_row": Field(*seq, "int16", -1, coord=True),
                "position_col": Field(*seq, "int16", -1, coord=True),
@@ -84,7 +85,9 @@ def sequence_rows(batch: Any, acts: Mapping[str, np.ndarray], seq_sites: set[str
     out = {"tokens": np.full((b, seq_len), -1, np.int32), "position_kind": np.zeros((b, seq_len), np.int8),
            "position_row": np.full((b, seq_len), -1, np.int16), "position_col": np.full((b, seq_len), -1, np.int16),
            "position_span": np.zeros((b, seq_len), np.uint16)}
+    out["token_text"] = np.full((b, seq_len), "", dtype=object)
     for i, p in enumerate(batch.positions):
+        out["token_text"][i, :width] = [t if k != "pad" else "" for t, k in zip(p.tokens, p.kinds)]
         out["position_kind"][i, :width] = [KIND_CODES[k] for k in p.kinds]
         out["position_row"][i, :width], out["position_col"][i, :width] = p.rows, p.cols
         for bit, name in enumerate(span_names):

@@ -69,6 +69,32 @@ def open_store(url: str, *, allow_incomplete: bool = False, storage_options: dic
     return xr.DataTree.from_dict(nodes)
 
 
+def join_stores(*urls: str, storage_options: dict | None = None) -> xr.DataTree:
+    """Several stores of the same data set as one tree: the samples they share (in the first store's
+    order), every analysis of each (a node present in two stores is an error)."""
+    trees = [open_store(u, storage_options=storage_options) for u in urls]
+    first = trees[0]
+    for url, tree in zip(urls[1:], trees[1:]):
+        if tree.attrs["dataset"].get("hash") != first.attrs["dataset"].get("hash"):
+            raise InterpError(f"{url} was written from another data set than {urls[0]}: nothing to join on")
+    shared = set.intersection(*(set(t["sample"].values) for t in trees))
+    ids = [i for i in first["sample"].values if i in shared]
+    if not ids:
+        raise InterpError(f"stores {', '.join(urls)} share no sample")
+    nodes: dict[str, xr.Dataset] = {"/": first.to_dataset().sel(sample=ids)}
+    for url, tree in zip(urls, trees):
+        rows = {i: k for k, i in enumerate(tree["sample"].values)}
+        take = [rows[i] for i in ids]
+        for node in tree.subtree:
+            if node.is_root:
+                continue
+            if node.path in nodes:
+                raise InterpError(f"{node.path} is in more than one of the joined stores (again in {url})")
+            ds = node.to_dataset(inherit=False)
+            nodes[node.path] = ds.isel(sample=take) if "sample" in ds.dims else ds
+    return xr.DataTree.from_dict(nodes)
+
+
 def _walk(path: str, group: zarr.Group) -> list[tuple[str, zarr.Group]]:
     out = [(path, group)]
     for name, sub in group.groups():
