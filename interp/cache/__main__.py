@@ -63,11 +63,13 @@ def default_sites(adapter) -> str:
 
 def sequence_length(adapter, data, items: Sequence[VQAItem], batch_size: int) -> int:
     """Longest encoded sequence over ``items``: the processor only (no model), with the items' own
-    images, since a family may give an image as many tokens as its size asks for."""
+    images (each loaded once per batch), since a family may give an image as many tokens as its size asks for."""
     longest = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        longest = max(longest, adapter.encode([data.image(it.image) for it in chunk], [it.prompt for it in chunk]).input_ids.shape[1])
+        images = {k: data.image(k) for k in dict.fromkeys(it.image for it in chunk)}
+        longest = max(longest, adapter.encode([images[it.image] for it in chunk],
+                                              [it.prompt for it in chunk]).input_ids.shape[1])
     return longest
 
 

@@ -25,17 +25,18 @@ TINY_WORDS = (
 ).split()
 
 
-def save_tiny_llava(path: str | Path, seed: int = 0) -> Path:
-    """LLaVA-1.5 layout at toy size: CLIP vision 2 x 32 (32 px, patch 8), Llama 2 x 32, LLaVA-1.5 chat template."""
+def save_tiny_llava(path: str | Path, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
+    """LLaVA-1.5 layout at toy size: CLIP vision and Llama ``layers`` x ``width`` (32 px images, patch 8),
+    LLaVA-1.5 chat template."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from interp.models.organism import image_processor
     from interp.models.tokenizer import word_tokenizer
 
     tok = word_tokenizer(TINY_WORDS)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, num_channels=3)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                              num_attention_heads=2, image_size=32, patch_size=8, num_channels=3)
+    text = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2,
                        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=128,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),

@@ -11,11 +11,13 @@ when complete: an interrupted replacement leaves the old store whole, and rerunn
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from interp import __version__
 from interp.errors import InterpError
@@ -217,9 +219,13 @@ class StoreWriter:
             if arr.shape != (stop - start, *f.shape):
                 raise InterpError(f"{name}: got shape {arr.shape} for samples {start}..{stop - 1}, "
                                   f"expected {(stop - start, *f.shape)}")
-        for name, arr in values.items():
-            dest = self._index[name[8:]] if name.startswith("samples/") else self._arrays[name]
-            dest[start:stop] = arr.astype(dest.dtype, copy=False)
+        dests = {name: self._index[name[8:]] if name.startswith("samples/") else self._arrays[name] for name in values}
+
+        async def put() -> None:  # every array of the chunk at once: zarr compresses them on worker threads
+            await asyncio.gather(*(d.async_array.setitem(slice(start, stop), values[n].astype(d.dtype, copy=False))
+                                   for n, d in dests.items()))
+
+        sync(put())
         self._done[start // cs] = True
 
     def close(self, summary: Mapping[str, Any] | None = None) -> bool:
