@@ -61,9 +61,13 @@ def write_all(open_writer: Callable[[bool], StoreWriter], chunk: Callable[[range
     writer = open_writer(True) if rank == 0 else None
     barrier()
     writer = writer or open_writer(False)
-    mine = writer.pending()[rank::world]
+    pending = writer.pending()
+    if not pending and rank == 0:
+        print(f"{writer.url}: already complete for these settings, nothing to compute (a new --out recomputes)",
+              file=sys.stderr)
+    mine = pending[rank::world]
     try:
-        with tqdm(total=sum(map(len, mine)), desc=desc, unit="sample", file=sys.stderr, disable=rank > 0) as bar:
+        with tqdm(total=sum(map(len, mine)), desc=desc, unit="sample", file=sys.stderr, disable=rank > 0 or not mine) as bar:
             for r in mine:
                 writer.write(r.start, *chunk(r))
                 bar.update(len(r))
