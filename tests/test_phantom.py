@@ -1,7 +1,6 @@
 """Phantom renderer against its own ground truth; image loading."""
 
 import json
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -142,14 +141,6 @@ def test_bad_input_is_an_interp_error():
         sample_spec(np.random.default_rng(0)).without("tumour")
     with pytest.raises(InterpError, match="malformed"):
         PhantomSpec.from_dict({"findings": []})
-
-
-def test_render_time(specs):
-    render(specs[0], 0)
-    t = time.perf_counter()
-    for i in range(100):
-        render(specs[i % len(specs)], i)
-    print(f"\nrender 64x64: {(time.perf_counter() - t) * 10:.2f} ms/image")
 
 
 def test_load_image_png_dicom_and_errors(tmp_path):

@@ -277,3 +277,34 @@ def test_join_stores_errors(tmp_path: Path, full: Path) -> None:
     w.close()
     with pytest.raises(InterpError, match="share no sample"):
         join_stores(str(full), str(tmp_path / "p.zarr"))
+
+
+def test_absurd_chunk_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    big = {"x": Field((4096, 4096), ("position", "d"), "float32")}  # 64 MiB per sample
+    index = SampleIndex([str(i) for i in range(1000)], dataset=INDEX.dataset)
+    with pytest.raises(InterpError, match="would hold 62.5 GiB .* use --chunk-samples 32 or less"):
+        StoreWriter(str(tmp_path / "big.zarr"), "run", samples=index, fields=big, meta={}, chunk_samples=10**6)
+    assert not (tmp_path / "big.zarr").exists()
+
+
+def test_two_writers_started_together_on_a_new_store(tmp_path: Path, full: Path) -> None:
+    """Processes, not threads: each lays out or resumes under the layout lock; the store ends whole."""
+    import subprocess
+    import sys
+
+    import time
+
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_store import fill, writer
+time.sleep(max(0.0, {time.time() + 8} - time.time()))  # both start laying out at the same instant
+w = writer({str(tmp_path / "both.zarr")!r})
+fill(w)
+w.close()
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert files(tmp_path / "both.zarr") == files(full)
+    assert not list(tmp_path.glob(".*.lock"))

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -141,3 +145,48 @@ def check_layout(url: str, attrs: Mapping[str, Any]) -> dict:
     found = info.get("layout") if isinstance(info, dict) else None
     raise InterpError(f"{url} is not an interp results store of layout {LAYOUT}"
                       + (f" (it has layout {found})" if found is not None else ""))
+
+
+@contextmanager
+def layout_lock(url: str, storage_options: dict | None, wait_s: float = 600.0) -> Iterator[None]:
+    """Hold ``.name.lock`` beside a local store while it is opened or laid out, so that two writers
+    started together do not lay it out twice (the second then resumes what the first laid out).
+    A lock left by a process that no longer runs is taken over. Other fsspec stores: no lock."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    lock = Path(sibling(path, ".lock"))
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if not _alive(lock):
+                lock.unlink(missing_ok=True)
+                continue
+            if time.monotonic() > deadline:
+                raise InterpError(f"another writer has held {lock} for {wait_s:.0f} s; remove it if none runs") from None
+            time.sleep(0.05)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(lock: Path) -> bool:
+    """Whether the process named in a lock file still runs (an empty file: being written, so yes)."""
+    try:
+        text = lock.read_text().strip()
+        if not text:
+            return True
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except (FileNotFoundError, ValueError, PermissionError):
+        return True
+    return True

@@ -22,10 +22,12 @@ from zarr.core.sync import sync
 from interp import __version__
 from interp.errors import InterpError
 from interp.store.layout import (COMPRESSOR, GROUP_KEY, INITIALIZING, LAYOUT, ROOT_KEY, THUMBNAIL, Field, as_json,
-                                 check_layout, check_url, digest, occupied, remove, sibling, swap, target)
+                                 check_layout, check_url, digest, layout_lock, occupied, remove, sibling, swap,
+                                 target)
 from interp.store.samples import SampleIndex, image_rows, sample_dict
 
 MODES = ("resume", "replace", "overwrite")
+MAX_CHUNK_BYTES = 2 * 2**30
 IMAGE_FIELDS = {"thumbnail": Field((THUMBNAIL, THUMBNAIL), ("thumb_y", "thumb_x"), "uint8"),
                 "image_height": Field((), (), "int32"), "image_width": Field((), (), "int32")}
 Static = tuple[tuple[str, ...], np.ndarray, dict]  # (dims, values, attrs) of an array without a sample axis
@@ -56,6 +58,13 @@ class StoreWriter:
             raise InterpError(f"chunk_samples must be >= 1, got {chunk_samples}")
         if not fields:
             raise InterpError(f"nothing to write in {analysis}")
+        per_sample = sum(int(np.prod(f.shape)) * (16 if f.dtype == "str" else np.dtype(f.dtype).itemsize)
+                         for f in fields.values())
+        if min(chunk_samples, len(samples)) * per_sample > MAX_CHUNK_BYTES:  # a chunk is built in memory
+            raise InterpError(f"a chunk of {chunk_samples} samples would hold "
+                              f"{min(chunk_samples, len(samples)) * per_sample / 2**30:.1f} GiB of {analysis} arrays "
+                              f"(limit {MAX_CHUNK_BYTES / 2**30:.0f} GiB): use --chunk-samples "
+                              f"{max(1, MAX_CHUNK_BYTES // per_sample)} or less")
         check_url(url, storage_options)
         taken, is_zarr = occupied(url, storage_options)
         if taken and not is_zarr:  # never replaced, whatever the mode
@@ -71,12 +80,13 @@ class StoreWriter:
         self.identity = digest({"meta": self.meta, "fields": {k: f.spec() for k, f in self.fields.items()},
                                 "statics": {k: [list(d), np.asarray(v).tolist()] for k, (d, v, _) in self.statics.items()}})
         self.create, self.staged, self.laid_out = create, None, ""  # laid_out: "store" or "group" when new
-        try:
-            self._root = self._open(url, fresh=mode == "overwrite" and self._stage(url))
-        except _Mismatch:
-            if mode != "replace":
-                raise
-            self._root = self._open(url, fresh=self._stage(url))
+        with layout_lock(url, storage_options):
+            try:
+                self._root = self._open(url, fresh=mode == "overwrite" and self._stage(url))
+            except _Mismatch:
+                if mode != "replace":
+                    raise
+                self._root = self._open(url, fresh=self._stage(url))
         group = self._root[analysis]
         self._done = group["done"]
         self._arrays = {name: group[name] for name in self.fields}
