@@ -88,7 +88,7 @@ def conclude(table: dict) -> str:
 def main(argv=None) -> int:
     from interp.models import load
     from interp.nast.cte import trace_seeds, write_trace
-    from interp.nast.train import NastConfig, eval_set, evaluate, train_run
+    from interp.nast.train import NastConfig, eval_set, evaluate, train_data, train_run
     from interp.store import open_store
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -124,14 +124,16 @@ def main(argv=None) -> int:
                           rank=a.rank, n_train=a.n_train, n_eval=a.n_eval)
     methods = [("uniform", "uniform", 1.0), *[(f"nast b={b:g}", "nast", b) for b in betas],
                ("shuffled b=1", "shuffled", 1.0), ("random b=1", "random", 1.0)]
-    base_metrics = evaluate(adapter.model, adapter, eval_set(a.n_eval, base_cfg.data_seed + 1000))
+    evals = eval_set(a.n_eval, base_cfg.data_seed + 1000)  # built once, for every run
+    data = train_data(a.n_train, base_cfg.data_seed)
+    base_metrics = evaluate(adapter.model, adapter, evals)
     runs: dict[str, list] = {"base": [base_metrics] * len(seeds)}
     norms: dict[str, list] = {}
     records = []
     for name, method, beta in methods:
         for s in seeds:
             cfg = replace(base_cfg, method=method, beta=beta, seed=s)
-            r = train_run(adapter, cfg, alphas)
+            r = train_run(adapter, cfg, alphas, data=data, evals=evals)
             runs.setdefault(name, []).append(r.metrics)
             norms.setdefault(name, []).append(r.delta_norms)
             records.append({"name": name, **r.to_dict()})

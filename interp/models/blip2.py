@@ -43,6 +43,7 @@ from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions, weight_hash
 from interp.models.lvlm import Frame, ProcessorAdapter, block_site_shape, identity_resize_kwargs
+from interp.models.seeds import isolated_rng
 
 
 @dataclass
@@ -201,6 +202,7 @@ class Blip2Adapter(ProcessorAdapter):
                                group="base") for f in frames]
 
 
+@isolated_rng
 def save_tiny_blip2(path, seed: int = 0):
     """BLIP-2 layout at toy size: ViT 2 x 32 (32 px, patch 8), Q-Former 2 x 32 (4 queries, cross-attention
     every 2nd layer), OPT 2 x 32; ``Blip2Processor`` with a BLIP image processor (PIL) and the tiny word

@@ -33,6 +33,7 @@ from interp.errors import InterpError
 from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, block_hooks, grid_positions, right_pad
 from interp.models.lvlm import Frame, ImageInputs, fixed_size_frame, identity_resize_kwargs, image_arrays, load_processor
 from interp.models.organism import IMAGE_SIZE, PATCH_SIZE, WEIGHTS_DIR, image_processor
+from interp.models.seeds import isolated_rng
 from interp.models.tokenizer import word_tokenizer
 
 CLIP_DIR = WEIGHTS_DIR / "clip"
@@ -126,11 +127,12 @@ class ClipAdapter(ImageInputs, HookedAdapter):
 
     @classmethod
     def from_pretrained(cls, src: str | Path, model_id: str, *, device: str = "cpu", trust_remote_code: bool = False):
-        """A CLIP/SigLIP checkpoint folder or HF id (safetensors only, eager attention, its own processor)."""
+        """A CLIP/SigLIP checkpoint folder (:func:`~interp.models.registry.load_weights`, its own processor)."""
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                          attn_implementation="eager").to(device)
+        from interp.models.registry import load_weights
+
+        model = load_weights(AutoModel, src, model_id, device=device, trust_remote_code=trust_remote_code)
         return cls(model, load_processor(src, model_id, trust_remote_code), model_id)
 
     def processor_kwargs(self, image: np.ndarray) -> dict:
@@ -294,6 +296,7 @@ def clip_config(vocab_size: int, *, d_text: int = 64, n_text: int = 4, d_vision:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=d_embed)
 
 
+@isolated_rng
 def build_clip_organism(seed: int = 0, **sizes: int) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
     """A freshly initialised (untrained) CLIP organism and its tokenizer, deterministic in ``seed``."""
     tok = clip_tokenizer()

@@ -26,6 +26,7 @@ from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions
 from interp.models.lvlm import Frame, ProcessorAdapter, identity_resize_kwargs
+from interp.models.seeds import isolated_rng
 
 
 class Gemma3Adapter(ProcessorAdapter):
@@ -146,6 +147,7 @@ def gemma3_tokenizer(words):
                                    bos_token="<bos>", eos_token="<eos>", extra_special_tokens=dict(SPECIAL_TOKENS))
 
 
+@isolated_rng
 def save_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
     """Gemma 3 layout at toy size: SigLIP 2 x 32 (32 px, patch 8: 4x4 patches pooled 2x2 to 4 image
     tokens), Gemma 3 LM 2 x 32 (one sliding-window layer, one global; GQA 2:1), Gemma's chat template."""

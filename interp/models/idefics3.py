@@ -38,6 +38,7 @@ from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditional
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks, grid_positions
 from interp.models.lvlm import Frame, ProcessorAdapter
+from interp.models.seeds import isolated_rng
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ IDEFICS3_TEMPLATE = (
 )
 
 
+@isolated_rng
 def tiny_idefics3(seed: int = 0, kind: str = "idefics3"):
     """(model, processor) of the Idefics3 (or SmolVLM) layout at toy size: vision 2 x 32 (32 px views, patch 8),
     scale_factor 2 (4 LM tokens per view), Llama 2 x 32; images resized to longest edge 64, then split into

@@ -34,6 +34,7 @@ from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Positions, grid_positions
 from interp.models.llava import LlavaAdapter
 from interp.models.lvlm import Frame
+from interp.models.seeds import isolated_rng
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return out
 
 
+@isolated_rng
 def save_tiny_llava_next(path, seed: int = 0):
     """LLaVA-NeXT layout at toy size: CLIP vision 2 x 32 (32 px tiles, patch 8), Llama 2 x 32, pinpoints
     32x64 / 64x32 / 64x64, the LLaVA-1.6 (Vicuna) chat template and the tiny word tokenizer."""

@@ -46,6 +46,7 @@ from interp import sites as S
 from interp.errors import InterpError
 from interp.models.adapter import Batch, Box, Hook, Positions, block_hooks
 from interp.models.lvlm import Frame, ProcessorAdapter, block_site_shape, load_processor
+from interp.models.seeds import isolated_rng
 
 
 @dataclass
@@ -103,9 +104,10 @@ class Qwen25VLAdapter(ProcessorAdapter):
 
     @classmethod
     def from_pretrained(cls, src: str | Path, model_id: str, *, device: str = "cpu", trust_remote_code: bool = False):
-        """Weights (safetensors only, eager attention) and the folder's processor (:func:`qwen_processor`)."""
-        model = cls.model_class.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                attn_implementation="eager").to(device)
+        """Weights (:func:`~interp.models.registry.load_weights`) and the folder's processor (:func:`qwen_processor`)."""
+        from interp.models.registry import load_weights
+
+        model = load_weights(cls.model_class, src, model_id, device=device, trust_remote_code=trust_remote_code)
         return cls(model, qwen_processor(src, model_id, trust_remote_code), model_id)
 
     def _site_map(self) -> dict[str, Hook]:
@@ -258,6 +260,7 @@ CHAT_TEMPLATE = (
 )
 
 
+@isolated_rng
 def save_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
     """Qwen2.5-VL layout at toy size: vision 2 x 32 (patch 14, merge 2, windows of 2x2 merged cells, block 1
     full attention), LM 2 x 32 (GQA 2:1, M-RoPE sections 2/3/3), images smart-resized to 56..112 px a side

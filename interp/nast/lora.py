@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from interp.errors import InterpError
+from interp.models.seeds import isolated_rng
 from interp.nast.cte import check_alphas
 
 PARTS = {
@@ -93,6 +94,7 @@ class ScaledLoRA:
         return np.sqrt(out)
 
 
+@isolated_rng
 def apply_scaled_lora(
     model: torch.nn.Module,
     alphas: Sequence[float] | None,

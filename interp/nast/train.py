@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -34,46 +33,9 @@ from interp.data.negation import PHANTOM_BANK, contextual_claims, mednega_from_p
 from interp.data.phantom import FINDINGS
 from interp.data.vqa import AFFIRMATIVE, FINDING_WORDS, build_vqa
 from interp.errors import InterpError
+from interp.nast.config import NastConfig
 from interp.nast.cte import minmax
 from interp.nast.lora import apply_scaled_lora, n_blocks
-
-METHODS = ("base", "uniform", "nast", "shuffled", "random")
-SCALE_MODES = ("grad", "lr")
-
-
-@dataclass
-class NastConfig:
-    """One training run (``python -m interp.nast train``)."""
-
-    model: str = "clip-organism"
-    method: str = "nast"
-    beta: float = 1.0
-    scale_mode: str = "grad"
-    steps: int = 60
-    batch_size: int = 16
-    lr: float = 0.01  # SGD (grad mode); AdamW (lr mode) wants ~1e-3
-    momentum: float = 0.9
-    rank: int = 4
-    lora_alpha: float = 8.0
-    claim_weight: float = 1.0
-    vision: bool = False
-    n_train: int = 256
-    n_eval: int = 128
-    data_seed: int = 0
-    seed: int = 0
-    image_size: int = 64
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise InterpError(f"unknown method {self.method!r}: choose {', '.join(METHODS)}")
-        if self.scale_mode not in SCALE_MODES:
-            raise InterpError(f"unknown scale mode {self.scale_mode!r}: choose {', '.join(SCALE_MODES)}")
-        for k in ("steps", "batch_size", "n_train", "n_eval", "rank"):
-            if getattr(self, k) < 1:
-                raise InterpError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.batch_size > self.n_train:
-            raise InterpError(f"batch_size {self.batch_size} exceeds n_train {self.n_train}")
-
 
 @dataclass
 class RunResult:
@@ -165,8 +127,8 @@ def image_features(model, pixels, chunk: int = 256) -> torch.Tensor:
     return torch.cat([_feat(model.get_image_features(pixel_values=pixels[i : i + chunk])) for i in range(0, len(pixels), chunk)])
 
 
-@lru_cache(maxsize=4)
-def _train_data(n: int, seed: int, image_size: int):
+def train_data(n: int, seed: int, image_size: int = 64) -> tuple:
+    """(data set, images, claim pairs per image) of the training phantoms; build once, pass to every run."""
     ds = build_vqa(n, seed, "train", kinds=("presence",), modes=("direct",), image_size=image_size)
     return ds, np.stack([ds.image(i) for i in range(n)]), _claim_pairs(ds.specs, seed)
 
@@ -182,7 +144,6 @@ class EvalSet:
     captions: list[str]
 
 
-@lru_cache(maxsize=4)
 def eval_set(n: int, seed: int, image_size: int = 64) -> EvalSet:
     ds = build_vqa(n, seed, "test", kinds=("presence",), modes=("direct",), image_size=image_size)
     images = np.stack([ds.image(i) for i in range(n)])
@@ -240,8 +201,10 @@ def method_alphas(method: str, alphas, n: int, seed: int) -> np.ndarray | None:
     return a
 
 
-def train_run(adapter, cfg: NastConfig, alphas=None, *, evaluate_after: bool = True, progress: bool = False) -> RunResult:
-    """Train a copy of ``adapter.model`` with ``cfg`` (the adapter's model is not changed)."""
+def train_run(adapter, cfg: NastConfig, alphas=None, *, data: tuple | None = None, evals: EvalSet | None = None,
+              evaluate_after: bool = True, progress: bool = False) -> RunResult:
+    """Train a copy of ``adapter.model`` with ``cfg`` (the adapter's model is not changed); ``data`` /
+    ``evals`` (``train_data`` / ``eval_set`` of the config's sizes and seeds) are built when not given."""
     cfg.validate()
     t0 = time.perf_counter()
     model = copy.deepcopy(adapter.model).float()
@@ -256,7 +219,7 @@ def train_run(adapter, cfg: NastConfig, alphas=None, *, evaluate_after: bool = T
             opt = torch.optim.SGD(lora.trainable(), lr=cfg.lr, momentum=cfg.momentum)
         else:
             opt = torch.optim.AdamW(lora.param_groups(cfg.lr), lr=cfg.lr, weight_decay=0.0)
-        ds, images, claims = _train_data(cfg.n_train, cfg.data_seed, cfg.image_size)
+        ds, images, claims = data or train_data(cfg.n_train, cfg.data_seed, cfg.image_size)
         pixels = _pixels(adapter, images).float()
         blank = np.zeros_like(images[0])
         rng = np.random.default_rng([cfg.seed, 3])
@@ -287,6 +250,8 @@ def train_run(adapter, cfg: NastConfig, alphas=None, *, evaluate_after: bool = T
                 print(f"  step {step + 1}/{cfg.steps} loss {loss.item():.4f}", flush=True)
         lora.remove_hooks()
         norms = lora.delta_norms("text")
-    metrics = evaluate(model, adapter, eval_set(cfg.n_eval, cfg.data_seed + 1000, cfg.image_size)) if evaluate_after else {}
+    if evaluate_after:
+        evals = evals or eval_set(cfg.n_eval, cfg.data_seed + 1000, cfg.image_size)
+    metrics = evaluate(model, adapter, evals) if evaluate_after else {}
     return RunResult(asdict(cfg), None if a is None else [float(x) for x in a], losses, norms, metrics,
                      round(time.perf_counter() - t0, 2))
