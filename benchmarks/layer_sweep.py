@@ -23,7 +23,7 @@ from interp.models import load
 from interp.models.organism import LVLM_DIR
 from interp.trace.patching import Noise, metric_fn, restore_sweep
 from interp.trace.reference import reference_trace
-from interp.trace.sweep import NOISE_SITE, SweepConfig, noise_std, noised, position_groups, select_pairs
+from interp.trace.sweep import SweepConfig, noise_std, noised, position_groups, select_pairs
 
 
 def main() -> None:
@@ -45,15 +45,15 @@ def main() -> None:
     print(f"model {adapter.model_id} ({adapter.weight_hash}), {len(pairs)} samples, {cfg.copies} noise copies, "
           f"torch threads {torch.get_num_threads()}")
     for tower in args.towers.split(","):
-        site = NOISE_SITE[tower]
-        std = cfg.noise_scale * noise_std(adapter, [(b, noised(adapter, tower, b, "image")) for b in batches], site)
+        std = cfg.noise_scale * noise_std(adapter, [(b, noised(adapter, tower, b, "image")) for b in batches])
         layers = list(range(adapter.n_layers(tower)))
         t_sweep = t_loop = diff = 0.0
         for pair, b in zip(pairs, batches):
             ids = tok.convert_tokens_to_ids([pair.item.answer, *pair.alternatives])
-            metric = metric_fn(cfg.metric, ids[0], ids[1:])
-            noise = Noise(site, tuple(noised(adapter, tower, b, "image")), std, cfg.copies, cfg.seed)
-            groups, _ = position_groups(adapter, tower, b.positions[0], cfg)
+            metric = metric_fn(cfg.metric or "prob", ids[0], ids[1:])
+            site, positions = noised(adapter, tower, b, "image")
+            noise = Noise(site, tuple(positions), std, cfg.copies, cfg.seed)
+            groups, _ = position_groups(adapter, tower, b, cfg)
             t = time.perf_counter()
             fast = restore_sweep(adapter, b, b, metric, tower=tower, layers=layers, groups=groups, noise=noise,
                                  batch_size=cfg.batch_size)
