@@ -3,7 +3,8 @@
 ``--data DIR`` reads ``DIR/prompts.csv`` or ``DIR/prompts.jsonl`` (columns ``image``, ``prompt``,
 optional ``answer``; image paths relative to DIR); ``--data FILE.csv|.jsonl`` reads that table
 (paths relative to its folder). Items look like VQA items (kind ``custom``, no finding) so the
-cache and the sweep take them as they take phantoms; images are loaded on demand.
+cache and the sweep take them as they take phantoms; images are loaded on demand, after a check of
+every image's header at load time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from interp.data.images import load_image
+from interp.data.images import check_image, load_image
 from interp.data.vqa import VQAItem
 from interp.errors import InterpError
 
@@ -86,4 +87,6 @@ def load_folder(spec: str | Path) -> FolderDataset:
                              answer=str(row.get("answer") or ""), spans={}))
     if not items:
         raise InterpError(f"empty data set: {table} has no rows")
+    for path in paths:
+        check_image(path)
     return FolderDataset(root, list(paths), items)

@@ -274,6 +274,11 @@ class VQADataset:
             raise InterpError(f"cannot load VQA data set {path}: {e!r}") from None
         if d.get("hash") != ds.hash:
             raise InterpError(f"VQA data set {path} is corrupt: hash mismatch")
+        n = len(ds.specs)
+        bad = next((it for it in ds.items if type(it.image) is not int or not 0 <= it.image < n), None)
+        if bad is not None:
+            raise InterpError(f"VQA data set {path}: item {bad.id} points at image {bad.image!r}, but the data set "
+                              f"has {n} images")
         return ds
 
 

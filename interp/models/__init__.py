@@ -1,8 +1,18 @@
-"""Models: ``load(id_or_path)`` returns the adapter of the checkpoint's family (``registry.FAMILIES``)."""
+"""Models: ``load(id_or_path)`` returns the adapter of the checkpoint's family (``registry.FAMILIES``).
+
+Names are imported on first use, so a CLI under ``interp.models`` answers ``--help`` before torch loads.
+"""
 
 from __future__ import annotations
 
-from interp.models.adapter import Adapter, Batch, Cache, Hook, Positions
-from interp.models.registry import FAMILIES, load
+import importlib
 
-__all__ = ["Adapter", "Batch", "Cache", "FAMILIES", "Hook", "Positions", "load"]
+_FROM = {"Adapter": "adapter", "Batch": "adapter", "Cache": "adapter", "Hook": "adapter", "Positions": "adapter",
+         "FAMILIES": "registry", "load": "registry"}
+__all__ = sorted(_FROM)
+
+
+def __getattr__(name: str):
+    if name not in _FROM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_FROM[name]}"), name)

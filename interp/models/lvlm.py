@@ -179,9 +179,10 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
 
     @classmethod
     def from_pretrained(cls, src: str | Path, model_id: str, *, device: str = "cpu", trust_remote_code: bool = False):
-        """Weights (safetensors only, eager attention) and the folder's own processor."""
-        model = cls.model_class.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                attn_implementation="eager").to(device)
+        """Weights (:func:`~interp.models.registry.load_weights`) and the folder's own processor."""
+        from interp.models.registry import load_weights
+
+        model = load_weights(cls.model_class, src, model_id, device=device, trust_remote_code=trust_remote_code)
         return cls(model, load_processor(src, model_id, trust_remote_code), model_id)
 
     # --- per family --------------------------------------------------------------------
