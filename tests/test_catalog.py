@@ -95,3 +95,19 @@ def test_cache_cli_on_mednega(tmp_path: Path) -> None:
     assert tree["prompt"].values.tolist() == [it.prompt for it in items]
     assert tree["sample"].values.tolist() == [it.id for it in items]
     assert dataset_of(tree).items == items
+
+
+def test_benchmark_item_pointing_at_a_missing_phantom(tmp_path):
+    import json
+
+    from interp.data.negation import NegationBenchmark, mednega_from_phantoms
+    from interp.errors import InterpError
+
+    bench = mednega_from_phantoms(8, 0, "test")
+    path = bench.save(tmp_path / "b.json")
+    d = json.loads(path.read_text())
+    d["items"][0]["image"] = "99"
+    del d["hash"]
+    path.write_text(json.dumps(d))
+    with pytest.raises(InterpError, match="points at phantom 99, but the benchmark has 8"):
+        NegationBenchmark.load(path)

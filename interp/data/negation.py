@@ -355,6 +355,9 @@ class NegationBenchmark:
     def validate(self) -> None:
         """Re-check every item; for phantoms, against the labels read from the specs."""
         for it in self.items:
+            if self.specs is not None and not 0 <= int(it.image) < len(self.specs):
+                raise InterpError(f"benchmark item {it.study_id} points at phantom {it.image}, but the benchmark has "
+                                  f"{len(self.specs)}")
             truth = _phantom_labels(self.specs[int(it.image)]) if self.specs is not None else None
             it.validate(truth)
 
