@@ -134,7 +134,7 @@ def organism_dir(tmp_path_factory):
         (["--sites", "lm.blocks.9.resid_post"], "layer out of range"),
         (["--data", "nowhere.json"], "unknown data set"),
         (["--mode", "patch", "--corrupt", "image"], "does not go with"),
-        (["--limit", "0"], "--limit must be >= 1"),
+        (["--limit", "0"], "--limit: must be an integer >= 1"),
         (["--min-gap", "5"], "no sample among"),
         (["--sites", "lm.blocks.0.attn.pattern"], "cannot sweep site"),
     ],

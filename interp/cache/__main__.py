@@ -19,15 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from transformers.utils import logging as hf_logging
 
 from interp.cache.acts import DTYPES, acts_layout, sequence_rows
-from interp.data.catalog import BUILTIN, dataset_ref, load_dataset
+from interp.cli import Parser, out_store, positive_int, run, torch_device
 from interp.data.vqa import VQAItem
 from interp.errors import InterpError
 from interp.sites import parse
 from interp.store import SampleIndex, StoreWriter
-from interp.store.ranks import process_group, rank_device, rank_world, write_all
 
 PROMPT_TEMPLATE = "{prompt}"  # prompts are used verbatim
 GRID_TOWERS = ("vision", "projector")
@@ -35,8 +33,9 @@ SEQ_TOWERS = ("lm", "text")  # sites over the token sequence, padded to the long
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m interp.cache", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from interp.data.catalog import BUILTIN
+
+    p = Parser("python -m interp.cache", __doc__)
     p.add_argument("--model", default="organism", help="model id or checkpoint folder (default: organism)")
     p.add_argument("--data", default="phantom-test",
                    help=f"one of {', '.join(BUILTIN)}, a saved VQA data set or negation benchmark (.json, MedNega "
@@ -44,12 +43,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "prompts.csv/.jsonl (columns image, prompt[, answer]) or such a table (default: phantom-test)")
     p.add_argument("--sites", default="", help="comma-separated sites or globs (default: every tower's block outputs "
                                                 "and projector.out where the model has one)")
-    p.add_argument("--out", help="store path or fsspec URL (default: caches/<model>-<data>.zarr)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default: 16)")
-    p.add_argument("--chunk-samples", type=int, default=32, help="samples per stored chunk (default: 32)")
-    p.add_argument("--limit", type=int, help="cache only the first N samples")
+    p.add_argument("--out", type=out_store, help="store path or fsspec URL (default: caches/<model>-<data>.zarr)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="samples per forward pass (default: 16)")
+    p.add_argument("--chunk-samples", type=positive_int, default=32, help="samples per stored chunk (default: 32)")
+    p.add_argument("--limit", type=positive_int, help="cache only the first N samples")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="stored activation dtype (default: float32)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device: cpu, cuda, cuda:<index>, mps "
+                                                                "(default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store (else one made differently is refused)")
     return p.parse_args(argv)
 
@@ -101,13 +101,12 @@ def run_chunk(adapter, data, items: Sequence[VQAItem], sites: list[str], seq_sit
 
 def cache(args: argparse.Namespace) -> str:
     """Create or resume the store (this rank's chunks of it); returns its URL."""
+    from interp.data.catalog import dataset_ref, load_dataset
     from interp.models import load
+    from interp.store.ranks import process_group, rank_device, write_all
 
-    for flag in ("batch_size", "chunk_samples"):
-        if getattr(args, flag) < 1:
-            raise InterpError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    out = args.out or out_store(f"caches/{Path(args.model).name}-{Path(args.data).stem}.zarr")
     data = load_dataset(args.data, args.limit)
-    out = args.out or f"caches/{Path(args.model).name}-{Path(args.data).stem}.zarr"
     with process_group():
         device = rank_device(args.device)
         adapter = load(args.model, device=device)
@@ -141,19 +140,16 @@ def cache(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    hf_logging.disable_progress_bar()  # keep stderr to our own bars and one-line errors
-    try:
-        out = cache(args)
-    except InterpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run(parse_args, report, argv, resumable=lambda _: True)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Cache, then print the store's URL (rank 0)."""
+    from interp.store.ranks import rank_world
+
+    out = cache(args)
     if rank_world()[0] == 0:
         print(out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
+from interp.cli import Parser, non_negative_int, out_dir, run
 from interp.errors import InterpError
+
+if TYPE_CHECKING:  # torch loads with a builder: the command line parses without it
+    import torch
 
 # words of the tiny models' word-level tokenizers (chat-template words included)
 TINY_WORDS = (
@@ -28,6 +30,7 @@ TINY_WORDS = (
 def save_tiny_llava(path: str | Path, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
     """LLaVA-1.5 layout at toy size: CLIP vision and Llama ``layers`` x ``width`` (32 px images, patch 8),
     LLaVA-1.5 chat template."""
+    import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from interp.models.organism import image_processor
@@ -62,6 +65,7 @@ def save(model: torch.nn.Module, processor, path: str | Path) -> Path:
 
 def save_tiny_dual_encoder(path: str | Path, seed: int = 0, kind: str = "clip") -> Path:
     """CLIP or SigLIP at toy size: towers 2 x 32, 32 px RGB images, patch 8, the tiny word tokenizer."""
+    import torch
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, SiglipConfig, SiglipModel, SiglipProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -106,23 +110,24 @@ def save_tiny_siglip(path: str | Path, seed: int = 0) -> Path:
     return save_tiny_dual_encoder(path, seed, "siglip")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m interp.models.tiny", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> Parser:
+    p = Parser("python -m interp.models.tiny", __doc__)
     p.add_argument("--family", required=True, choices=sorted(BUILDERS), help="HF model_type of the family")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--seed", type=int, default=0, help="weight init seed (default: 0)")
-    args = p.parse_args(argv)
-    try:
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise InterpError(f"--out {out} exists and is not an empty folder")
-        build_tiny(args.family, out, args.seed)
-    except InterpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(out)
-    return 0
+    p.add_argument("--out", required=True, type=out_dir, help="checkpoint folder to write (new or empty)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="weight init seed (default: 0)")
+    return p
+
+
+def build(args: argparse.Namespace) -> None:
+    """Build the family's checkpoint into a new or empty folder; print its path."""
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):
+        raise InterpError(f"--out {out} exists and is not an empty folder")
+    print(build_tiny(args.family, out, args.seed))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parser().parse_args, build, argv)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,14 @@ Deterministic given ``--seed`` and ``--steps`` (``--minutes`` stops on the clock
 
 from __future__ import annotations
 
-import argparse
-import json
+from interp.models.train_cli import main  # light: the command line answers --help and bad options before torch loads
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
 import math
-import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from interp.data.phantom import FINDINGS, SIDES, ZONES
 from interp.data.vqa import ALL_KINDS, MODES, VQADataset, build_vqa, split_target
 from interp.errors import InterpError
-from interp.models.organism import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, LVLM_DIR, PATCH_SIZE, build_organism, save_organism
+from interp.models.organism import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, PATCH_SIZE, build_organism
 
 GRID = IMAGE_SIZE // PATCH_SIZE
 N_PATCHES = GRID * GRID
@@ -403,70 +403,3 @@ def format_table(metrics: dict) -> str:
             cells.append(f"{r['acc']:>10.3f} (n={r['n']:>4})" if r else f"{'-':>18}")
         lines.append(f"{k:<12}" + "".join(cells))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m interp.models.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=LVLM_DIR, help="checkpoint folder (default: the shipped organism)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps, help="stage-2 steps")
-    p.add_argument("--minutes", type=float, default=None, help="stop on wall clock (overrides determinism)")
-    p.add_argument("--aux-steps", type=int, default=d.aux_steps, help="stage-1 (vision + aux head) steps")
-    p.add_argument("--n-train-images", type=int, default=d.n_train_images)
-    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint at --out and print the table")
-    p.add_argument("--eval-images", type=int, default=200, help="test-split images for evaluation")
-    p.add_argument("--eval-cot-images", type=int, default=100, help="of those, how many also get cot items")
-    p.add_argument("--eval-seed", type=int, default=12345)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    try:
-        for name, v in (("--steps", a.steps), ("--n-train-images", a.n_train_images), ("--eval-images", a.eval_images)):
-            if v < 1:
-                raise InterpError(f"{name} must be >= 1, got {v}")
-        if a.aux_steps < 0 or (a.minutes is not None and a.minutes <= 0) or a.eval_cot_images < 0:
-            raise InterpError("--aux-steps and --eval-cot-images must be >= 0, --minutes > 0")
-        if a.eval_only:
-            from interp.models import load
-
-            adapter = load(a.out)
-            torch.set_num_threads(d.threads)
-            m = evaluate(adapter.model, adapter.tokenizer, a.eval_images, a.eval_seed,
-                         cot_images=min(a.eval_cot_images, a.eval_images), progress=not a.no_progress)
-            print(f"{a.out}: test split, seed {a.eval_seed}, {a.eval_images} images ({a.eval_cot_images} with cot items)")
-            print(format_table(m))
-            return 0
-        cfg = TrainConfig(seed=a.seed, steps=a.steps, minutes=a.minutes, aux_steps=a.aux_steps, n_train_images=a.n_train_images)
-        for kv in a.set:
-            key, _, val = kv.partition("=")
-            if not hasattr(cfg, key) or key == "kind_weights":
-                raise InterpError(f"unknown config field {key!r}; valid: {', '.join(k for k in asdict(cfg) if k != 'kind_weights')}")
-            cur = getattr(cfg, key)
-            try:
-                setattr(cfg, key, type(cur)(val) if cur is not None else float(val))
-            except ValueError:
-                raise InterpError(f"bad value for {key}: {val!r}") from None
-    except InterpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg, progress=not a.no_progress)
-    info = trainer.train()
-    m = evaluate(trainer.model, trainer.tok, a.eval_images, a.eval_seed,
-                 cot_images=min(a.eval_cot_images, a.eval_images), progress=not a.no_progress)
-    save_organism(trainer.model, trainer.tok, a.out)
-    meta = {"metrics": m, **info, "config": asdict(cfg), "eval": {"split": "test", "seed": a.eval_seed,
-            "images": a.eval_images, "cot_images": a.eval_cot_images},
-            "command": "python -m interp.models.train " + " ".join(sys.argv[1:] if argv is None else argv),
-            "torch": torch.__version__, "threads": cfg.threads, "machine": platform.machine(), "history": trainer.history}
-    (Path(a.out) / "metrics.json").write_text(json.dumps(meta, indent=1))
-    print(f"trained in {info['train_seconds']} s ({info['steps']} stage-2 steps); saved to {a.out}")
-    print(format_table(m))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,22 +21,23 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from interp.cli import Parser, fraction, non_negative_int, not_applicable, out_dir, positive_int, run
 from interp.data.negation import PHANTOM_BANK, mednega_from_phantoms, score_negation
 from interp.data.phantom import FINDINGS, sample_spec
 from interp.data.vqa import AFFIRMATIVE, SPLITS, VQADataset
 from interp.errors import InterpError
-from interp.models.clip import (
-    CLIP_DIR,
-    ClipAdapter,
-    build_clip_organism,
-    clip_processor,
-    save_clip_organism,
-)
+from interp.models.registry import ALIASES
+
+if TYPE_CHECKING:  # torch and the CLIP model load on use: the command line parses without them
+    import torch
+
+    from interp.models.clip import ClipAdapter
 
 
 @dataclass
@@ -109,6 +110,8 @@ def render_split(n: int, seed: int, split: str, progress: bool = False) -> tuple
 def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor | None, n_hard: int = 0) -> torch.Tensor:
     """Symmetric CLIP loss on logits [images, texts (+ n_hard extra text negatives)]; with ``labels``
     [b, k] every text of the same label vector is a positive (targets spread uniformly)."""
+    import torch
+
     b = logits.shape[0]
     if labels is None:
         target = torch.eye(b)
@@ -122,7 +125,10 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor | None, n_hard: 
 
 
 def train(cfg: ClipTrainConfig, progress: bool = True) -> tuple[ClipAdapter, dict]:
+    import torch
     from tqdm import tqdm
+
+    from interp.models.clip import ClipAdapter, build_clip_organism, clip_processor
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -170,6 +176,8 @@ def evaluate(adapter: ClipAdapter, n_images: int = 400, seed: int = 1, split: st
     """MedNega-style 4-way accuracy on negated and affirmative option sets (gap = affirmative -
     negated, 95% bootstrap CIs) and image->text retrieval recall@1/5 over the 32 non-negated
     captions (one per label vector) for the held-out phantoms of ``split``."""
+    import torch
+
     bench = mednega_from_phantoms(n_images, seed, split)
     ds = bench.dataset()
     img_cache: dict[int, np.ndarray] = {}
@@ -220,47 +228,59 @@ def format_table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m interp.models.train_clip", description=__doc__.split("\n\n")[0])
+def parser() -> Parser:
+    p = Parser("python -m interp.models.train_clip", __doc__.split("\n\n")[0])
     p.add_argument("--eval-only", action="store_true", help="evaluate a saved model and print the figures")
-    p.add_argument("--model", default="clip-organism", help="model for --eval-only (id or folder)")
-    p.add_argument("--out", default=str(CLIP_DIR), help="where to save the trained organism")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--hard-negatives", action="store_true")
-    p.add_argument("--negated-rate", type=float)
-    p.add_argument("--eval-images", type=int)
+    p.add_argument("--model", help="model for --eval-only, id or folder (default: clip-organism)")
+    p.add_argument("--out", help=f"where to save the trained organism (default: {ALIASES['clip-organism']})")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--n-train", type=positive_int, help=f"training phantoms, at least a batch ({ClipTrainConfig.batch})")
+    p.add_argument("--hard-negatives", action="store_true", default=None)
+    p.add_argument("--negated-rate", type=fraction)
+    p.add_argument("--eval-images", type=positive_int)
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    cfg = ClipTrainConfig()
-    for k in ("steps", "seed", "n_train", "negated_rate", "eval_images"):
-        if getattr(a, k) is not None:
-            setattr(cfg, k, getattr(a, k))
-    cfg.hard_negatives = a.hard_negatives
-    torch.set_num_threads(cfg.threads)
-    try:
-        if a.eval_only:
-            from interp.models import load
+    return p
 
-            adapter = load(a.model)
-            m = evaluate(adapter, cfg.eval_images, cfg.eval_seed)
-            print(f"model {a.model} (weights {adapter.weight_hash})")
-            print(format_table(m))
-            return 0
-        adapter, info = train(cfg, progress=not a.no_progress)
+
+TRAINING = ("steps", "seed", "n_train", "negated_rate", "hard_negatives")  # ClipTrainConfig fields given as options
+
+
+def work(a: argparse.Namespace, command: str) -> None:
+    """Train, evaluate and save (``command`` is recorded with the metrics), or evaluate only."""
+    import torch
+
+    from interp.models import load
+    from interp.models.clip import save_clip_organism
+
+    unused = (*TRAINING, "out") if a.eval_only else ("model",)
+    not_applicable([k for k in unused if getattr(a, k) is not None],
+                   "to --eval-only" if a.eval_only else "to training (--model goes with --eval-only)")
+    cfg = ClipTrainConfig(**{k: getattr(a, k) for k in (*TRAINING, "eval_images") if getattr(a, k) is not None})
+    torch.set_num_threads(cfg.threads)
+    if a.eval_only:
+        model = a.model or "clip-organism"
+        adapter = load(model, kind="dual", purpose="train_clip --eval-only (CLIP-style retrieval)")
         m = evaluate(adapter, cfg.eval_images, cfg.eval_seed)
-        out = save_clip_organism(adapter.model, adapter.tokenizer, a.out)
-        metrics = {"config": asdict(cfg), "train": info, "weight_hash": adapter.weight_hash, "eval": m,
-                   "command": "python -m interp.models.train_clip " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "eval_command": "python -m interp.models.train_clip --eval-only"}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(f"model {model} (weights {adapter.weight_hash})")
         print(format_table(m))
-        print(f"saved to {out} ({info['train_seconds']} s training)")
-        return 0
-    except InterpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return
+    out = out_dir(a.out or str(ALIASES["clip-organism"]))
+    if cfg.n_train < cfg.batch:
+        raise InterpError(f"--n-train {cfg.n_train} is less than a batch ({cfg.batch} phantoms)")
+    adapter, info = train(cfg, progress=not a.no_progress)
+    m = evaluate(adapter, cfg.eval_images, cfg.eval_seed)
+    out = save_clip_organism(adapter.model, adapter.tokenizer, out)
+    metrics = {"config": asdict(cfg), "train": info, "weight_hash": adapter.weight_hash, "eval": m,
+               "command": command, "eval_command": "python -m interp.models.train_clip --eval-only"}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(format_table(m))
+    print(f"saved to {out} ({info['train_seconds']} s training)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command = "python -m interp.models.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
+    return run(parser().parse_args, lambda a: work(a, command), argv)
 
 
 if __name__ == "__main__":

@@ -52,13 +52,13 @@ import torch
 
 from interp.errors import InterpError
 from interp.models.adapter import Batch
+from interp.nast.config import AGGREGATES
 from interp.store import Field, SampleIndex, StoreWriter, open_store
 from interp.store.layout import digest
 from interp.trace.patching import Noise, restore_sweep
 
 ROLES = ("SOT", "there", "is/are", "negator", "subject_first", "subject_rest", ".", "EOT", "other")
 NEGATORS = frozenset({"no", "not", "without", "never", "none", "nor"})
-AGGREGATES = ("max", "negator", "mean")
 MODES = ("nast", "noise")
 _PIECE = re.compile(r"(</w>|^Ġ|^▁|^##)")
 

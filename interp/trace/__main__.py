@@ -1,7 +1,7 @@
 """Causal tracing and activation patching sweeps, from the command line.
 
-    python -m interp.trace --layer-sweep                 # embedded organism + phantom test split
-    python -m interp.trace --layer-sweep --mode patch --corrupt negation --sites 'lm.blocks.*.resid_post'
+    python -m interp.trace                 # layer sweep: embedded organism + phantom test split
+    python -m interp.trace --mode patch --corrupt negation --sites 'lm.blocks.*.resid_post'
 
 Modes: ``trace`` (ROME): Gaussian noise (``--noise-scale`` x the std of the corrupted embeddings,
 ``--copies`` noised copies) on the image (patch embeddings for the vision tower; image tokens
@@ -9,10 +9,12 @@ entering the LM for the LM) or on a named text span, then clean states restored 
 ``patch``: activation patching from a clean input into its pair - ``negation`` (the negated
 statement into "there is a ..."), ``counterfactual`` (the image into the same image with the
 finding removed). Writes ``<out>/sweep.zarr`` (effects [sample, layer, position] per tower) and
-``<out>/report.html``. ``nast``: NAST's tracing of a CLIP-style text encoder (default: the CLIP
-organism) - the negated text's states patched into the positive text's per layer and token role,
-CTE = s_traced / s - written to ``<out>/cte.zarr`` (group ``nast``, with the alphas) and ``report.html``.
-Bad input: one line on stderr, exit code 2, nothing written.
+``<out>/report.html``. ``nast``: NAST's tracing of a CLIP-style text encoder (``--model organism``
+means the CLIP organism here) - the negated text's states patched into the positive text's per layer
+and token role, CTE = s_traced / s - written to ``<out>/cte.zarr`` (group ``nast``, with the alphas)
+and ``report.html``; it takes --model, --corrupt, --limit, --seed, --device and --out only.
+``--layer-sweep`` is accepted and optional: the sweep is what this command runs.
+Bad input: one line on stderr, exit code 2, nothing written (``--debug``: tracebacks).
 """
 
 from __future__ import annotations
@@ -25,17 +27,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
-from transformers.utils import logging as hf_logging
-
-from interp.data.catalog import dataset_ref
-from interp.errors import InterpError
-from interp.store.ranks import process_group, rank_device
-from interp.trace.sweep import MODES, SweepConfig
+from interp.cli import (Parser, non_negative_float, non_negative_int, out_dir, positive_float, positive_int, run,
+                        torch_device)
+from interp.trace.config import MODES, SweepConfig
 
 NAST_IMAGES = 48  # phantoms per data seed in --mode nast
 
 HELP = {
-    "model": "model id or checkpoint folder ('organism' = the embedded one)",
+    "model": "model id or checkpoint folder ('organism' = the embedded LVLM organism; with --mode nast the "
+             "embedded CLIP organism, clip-organism)",
     "data": "phantom-{train,val,test}, mednega-phantom-{train,val,test}, a saved VQA data set or negation benchmark "
             "(.json, MedNega .csv), or real images: a folder with prompts.csv/.jsonl "
             "(columns image, prompt[, answer]) or such a table",
@@ -52,46 +52,55 @@ HELP = {
     "copies": "noised copies averaged per restored run (ROME: 10)",
     "noise_scale": "noise std as a multiple of the corrupted embeddings' std (ROME: 3)",
     "batch_size": "restored runs per forward pass",
-    "limit": "samples to sweep",
+    "limit": "samples to sweep (--mode nast: pairs per data seed)",
     "min_gap": "keep only samples whose corruption moves the metric by at least this (ROME keeps such cases)",
-    "seed": "noise seed",
-    "device": "torch device",
+    "seed": "noise seed (--mode nast: the first of 3 data seeds)",
+    "device": "torch device: cpu, cuda, cuda:<index>, mps",
     "out": "output folder (sweep.zarr, or cte.zarr in --mode nast, + report.html)",
 }
+TYPES = {"window": positive_int, "copies": positive_int, "noise_scale": positive_float, "batch_size": positive_int,
+         "limit": positive_int, "min_gap": non_negative_float, "seed": non_negative_int, "device": torch_device,
+         "out": out_dir}
+CHOICES = {"mode": tuple(MODES), "lm_positions": ("token", "span")}
+
+
+def parser() -> Parser:
+    p = Parser("python -m interp.trace", __doc__)
+    p.add_argument("--layer-sweep", action="store_true", default=argparse.SUPPRESS,
+                   help="accepted for compatibility: a layer x position sweep is what this command runs")
+    for f in fields(SweepConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=TYPES.get(f.name, type(f.default)), default=f.default,
+                       choices=CHOICES.get(f.name), help=f"{HELP[f.name]} (default: {f.default})")
+    return p
 
 
 def parse_args(argv: Sequence[str] | None) -> SweepConfig:
-    p = argparse.ArgumentParser(prog="python -m interp.trace", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer-sweep", action="store_true", required=True, help="run a layer x position sweep")
-    for f in fields(SweepConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"{HELP[f.name]} (default: {f.default})")
-    args = vars(p.parse_args(argv))
-    args.pop("layer_sweep")
-    return SweepConfig(**args)
+    """The sweep's settings, checked (InterpError on bad or inapplicable options)."""
+    args = vars(parser().parse_args(argv))
+    args.pop("layer_sweep", None)
+    cfg = SweepConfig(**args)
+    cfg.validate()
+    return cfg
 
 
-def nast_sweep(cfg: SweepConfig) -> int:
+def nast_sweep(cfg: SweepConfig) -> None:
     """NAST's text-encoder tracing on a CLIP-style model over phantom claim pairs, 3 data seeds."""
     from interp.models import load
     from interp.nast.cte import trace_seeds, write_trace
     from interp.report.negation import write_cte_report
 
-    adapter = load("clip-organism" if cfg.model == "organism" else cfg.model, device=cfg.device)
-    if "text" not in {s.split(".")[0] for s in adapter.sites}:
-        raise InterpError(f"--mode nast traces a text encoder: {cfg.model} has none (use a CLIP-style model)")
+    adapter = load("clip-organism" if cfg.model == "organism" else cfg.model, device=cfg.device, kind="dual",
+                   purpose="--mode nast (it traces a text encoder)")
     seeds = [cfg.seed, cfg.seed + 1, cfg.seed + 2]
     results, pooled, stab, alphas = trace_seeds(adapter, seeds, NAST_IMAGES, limit=cfg.limit,
                                                 mode="nast" if cfg.corrupt == "negation" else "noise")
     out = Path(cfg.out)
     write_trace(str(out / "cte.zarr"), adapter, results, pooled, stab, alphas)
     write_cte_report(pooled, stab, alphas, out / "report.html", f"Negation tracing ({pooled.mode}): {adapter.model_id}")
-    print(f"{len(pooled.values)} pairs over seeds {seeds}; per-layer profile rank correlation between seeds "
+    print(f"{adapter.model_id}: {len(pooled.values)} pairs over seeds {seeds}; per-layer profile rank correlation between seeds "
           f"{stab['mean']:.3f}; alphas {[round(float(a), 3) for a in alphas]}")
     for name in ("cte.zarr", "report.html"):
         print(f"{name}: {out / name}")
-    return 0
 
 
 def file_hash(path: str) -> str:
@@ -100,10 +109,11 @@ def file_hash(path: str) -> str:
 
 def sweep(cfg: SweepConfig) -> Path:
     """Run the layer sweep into ``<out>/sweep.zarr`` and write ``<out>/report.html``; returns ``out``."""
-    from interp.data.catalog import load_dataset
+    from interp.data.catalog import dataset_ref, load_dataset
     from interp.models import load
     from interp.report import write_sweep_report
     from interp.store import SampleIndex
+    from interp.store.ranks import process_group, rank_device
     from interp.trace.sweep import image_pair, is_lvlm, read_sweep, run_sweep, select_pairs
 
     out = Path(cfg.out)
@@ -138,18 +148,16 @@ def sweep(cfg: SweepConfig) -> Path:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    hf_logging.disable_progress_bar()  # keep stderr to our own bars and one-line errors
-    try:
-        cfg.validate()
-        if cfg.mode == "nast":
-            return nast_sweep(cfg)
+def execute(cfg: SweepConfig) -> None:
+    """The sweep of ``cfg.mode``."""
+    if cfg.mode == "nast":
+        nast_sweep(cfg)
+    else:
         sweep(cfg)
-    except InterpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args, execute, argv, resumable=lambda cfg: cfg.mode != "nast")
 
 
 if __name__ == "__main__":
