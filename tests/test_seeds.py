@@ -14,7 +14,7 @@ def _draw_after(fn) -> float:
     return float(torch.rand(1))
 
 
-@pytest.mark.parametrize("family", ["gemma3", "blip-2", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "clip", "gemma3", "blip-2", "llava_next"])
 def test_builders_do_not_reseed_the_caller(family, tmp_path):
     assert family in BUILDERS
     torch.manual_seed(123)

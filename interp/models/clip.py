@@ -33,7 +33,6 @@ from interp.errors import InterpError
 from interp.models.adapter import Batch, Hook, HookedAdapter, Positions, block_hooks, grid_positions, right_pad
 from interp.models.lvlm import Frame, ImageInputs, fixed_size_frame, identity_resize_kwargs, image_arrays, load_processor
 from interp.models.organism import IMAGE_SIZE, PATCH_SIZE, WEIGHTS_DIR, image_processor
-from interp.models.seeds import isolated_rng
 from interp.models.tokenizer import word_tokenizer
 
 CLIP_DIR = WEIGHTS_DIR / "clip"
@@ -296,9 +295,9 @@ def clip_config(vocab_size: int, *, d_text: int = 64, n_text: int = 4, d_vision:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=d_embed)
 
 
-@isolated_rng
 def build_clip_organism(seed: int = 0, **sizes: int) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
-    """A freshly initialised (untrained) CLIP organism and its tokenizer, deterministic in ``seed``."""
+    """A freshly initialised (untrained) CLIP organism and its tokenizer, deterministic in ``seed``. It seeds
+    torch's global generator on purpose: it is the first step of a seeded training run, whose later draws follow."""
     tok = clip_tokenizer()
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(len(tok), **sizes))

@@ -50,7 +50,8 @@ def organism_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_organism(seed: int = 0, **sizes: int) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast]:
-    """A freshly initialised (untrained) organism and its tokenizer, deterministic in ``seed``."""
+    """A freshly initialised (untrained) organism and its tokenizer, deterministic in ``seed``. It seeds torch's
+    global generator on purpose: it is the first step of a seeded training run, whose later draws follow from it."""
     tok = organism_tokenizer()
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(organism_config(len(tok), **sizes))

@@ -6,8 +6,6 @@ import functools
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-import torch
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -18,6 +16,8 @@ def isolated_rng(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        import torch  # here, not at import: light CLI modules decorate their builders with this
+
         with torch.random.fork_rng(devices=[]):
             return fn(*args, **kwargs)
 

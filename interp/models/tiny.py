@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from interp.cli import Parser, non_negative_int, out_dir, run
 from interp.errors import InterpError
+from interp.models.seeds import isolated_rng
 
 if TYPE_CHECKING:  # torch loads with a builder: the command line parses without it
     import torch
@@ -27,6 +28,7 @@ TINY_WORDS = (
 ).split()
 
 
+@isolated_rng
 def save_tiny_llava(path: str | Path, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
     """LLaVA-1.5 layout at toy size: CLIP vision and Llama ``layers`` x ``width`` (32 px images, patch 8),
     LLaVA-1.5 chat template."""
@@ -63,6 +65,7 @@ def save(model: torch.nn.Module, processor, path: str | Path) -> Path:
     return path
 
 
+@isolated_rng
 def save_tiny_dual_encoder(path: str | Path, seed: int = 0, kind: str = "clip") -> Path:
     """CLIP or SigLIP at toy size: towers 2 x 32, 32 px RGB images, patch 8, the tiny word tokenizer."""
     import torch

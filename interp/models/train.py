@@ -200,8 +200,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
-        torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # a training run is seeded as a whole (its threads are the caller's choice)
         self.model, self.tok = build_organism(cfg.seed, **cfg.sizes())
         self.model.train()
         g = torch.Generator().manual_seed(cfg.seed + 1)

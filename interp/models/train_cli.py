@@ -75,6 +75,7 @@ def work(a: argparse.Namespace, command: str) -> None:
         return
     out_dir(a.out)
     cfg = config(a)
+    torch.set_num_threads(cfg.threads)
     trainer = Trainer(cfg, progress=not a.no_progress)
     info = trainer.train()
     m = evaluate(trainer.model, trainer.tok, a.eval_images, a.eval_seed, cot_images=cot_images,

@@ -130,8 +130,7 @@ def train(cfg: ClipTrainConfig, progress: bool = True) -> tuple[ClipAdapter, dic
 
     from interp.models.clip import ClipAdapter, build_clip_organism, clip_processor
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # a training run is seeded as a whole (its threads are the caller's choice)
     model, tok = build_clip_organism(cfg.seed, **cfg.sizes)
     adapter_tmp = ClipAdapter(model, clip_processor(tok), "clip-organism-training")  # tokenisation + pixels
     images, labels = render_split(cfg.n_train, cfg.seed, "train", progress)
