@@ -4,9 +4,9 @@ PY := .venv/bin/python
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq torch==2.13.0
+	PYTHONWARNINGS=ignore $(PY) -m pip install -qq -e ".[test]"
 	touch $@
 
 # Debian's chromium for the browser test (skipped, with a note, where apt-get is not available).

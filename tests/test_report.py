@@ -136,3 +136,17 @@ def test_tower_without_patches(tmp_path):
     assert np.isnan(ground_truth_score(ds)["share"].values).all()
     assert len(tower_figure("lm", ds).data) == 1
     assert "no ground-truth score" in write_sweep_report({"lm": ds}, tmp_path / "r.html").read_text()
+
+
+def test_score_ci_is_the_pooled_ratio_with_a_bootstrap_interval():
+    from interp.report.sweep import score_ci
+
+    ds = sweep("vision")
+    score, gt = score_ci(ds, n_boot=200), ground_truth_score(ds)
+    expected = gt["share"].values / float(gt["expected"])
+    np.testing.assert_allclose([np.nan if r is None else r for r in score["ratio"]], expected, rtol=1e-6)
+    assert all(lo <= r <= hi for r, lo, hi in zip(score["ratio"], score["low"], score["high"]) if r is not None)
+    same = ds.isel(sample=[0] * ds.sizes["sample"])  # every resample is the same data: a zero-width interval
+    one = score_ci(same, n_boot=50)
+    np.testing.assert_allclose(one["low"], one["ratio"], rtol=1e-6)
+    np.testing.assert_allclose(one["high"], one["ratio"], rtol=1e-6)

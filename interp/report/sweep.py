@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,21 @@ HOW_TO_READ = (
     "expected by area. Use each figure's dropdown to switch from the mean to a single sample.")
 
 
+def _masses(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Per sample (and layer): positive effect mass on the finding's patches and on all image patches,
+    and the number of finding patches and of image patches."""
+    patch = (ds["kind"] == "image") & (ds["row"] >= 0)
+    finding = patch & (ds["mask_fraction"] > 0)
+    positive = ds["effect"].clip(min=0).fillna(0).where(patch, 0)
+    return positive.where(finding, 0).sum("position"), positive.sum("position"), finding.sum("position"), patch.sum("position")
+
+
+def _ratio(num: xr.DataArray | np.ndarray, den: xr.DataArray | np.ndarray):
+    """num / den, NaN where den is 0 (no warning)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / np.where(den > 0, den, np.nan)
+
+
 def ground_truth_score(ds: xr.Dataset) -> xr.Dataset:
     """Share of positive ``effect`` mass on image patches that falls on patches with
     ``mask_fraction > 0``, against the share expected by area (finding patches / all patches).
@@ -55,18 +71,31 @@ def ground_truth_score(ds: xr.Dataset) -> xr.Dataset:
     finding add to both denominators), and ``sample_share`` (sample, layer), ``sample_expected``
     (sample) per sample; NaN where there is no positive mass or no image patch.
     """
-    patch = (ds["kind"] == "image") & (ds["row"] >= 0)
-    finding = patch & (ds["mask_fraction"] > 0)
-    positive = ds["effect"].clip(min=0).fillna(0).where(patch, 0)
-    mass, hit = positive.sum("position"), positive.where(finding, 0).sum("position")
-    n_patch, n_finding = patch.sum("position"), finding.sum("position")
+    hit, mass, n_finding, n_patch = _masses(ds)
+    return xr.Dataset({"share": _ratio(hit.sum("sample"), mass.sum("sample")),
+                       "expected": _ratio(n_finding.sum(), n_patch.sum()),
+                       "sample_share": _ratio(hit, mass), "sample_expected": _ratio(n_finding, n_patch)})
 
-    def ratio(num: xr.DataArray, den: xr.DataArray) -> xr.DataArray:
-        return num / den.where(den > 0)
 
-    return xr.Dataset({"share": ratio(hit.sum("sample"), mass.sum("sample")),
-                       "expected": ratio(n_finding.sum(), n_patch.sum()),
-                       "sample_share": ratio(hit, mass), "sample_expected": ratio(n_finding, n_patch)})
+def score_ci(ds: xr.Dataset, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Per layer: the pooled ground-truth ratio (share of positive effect on the finding over the share
+    expected by area; 1 = no better than area) and its bootstrap CI over samples (None where undefined)."""
+    hit, mass, n_finding, n_patch = (a.values for a in _masses(ds))  # [sample, layer] / [sample]
+
+    def ratio(rows: np.ndarray) -> np.ndarray:
+        return _ratio(_ratio(hit[rows].sum(0), mass[rows].sum(0)), _ratio(n_finding[rows].sum(), n_patch[rows].sum()))
+
+    n = len(mass)
+    rng = np.random.default_rng(seed)
+    boots = np.stack([ratio(rng.integers(0, n, n)) for _ in range(n_boot)])
+    with warnings.catch_warnings():  # a layer with no defined ratio in any resample: NaN bounds
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    def values(a: np.ndarray) -> list[float | None]:  # JSON-ready: None where undefined
+        return [float(x) if np.isfinite(x) else None for x in a]
+
+    return {"layer": ds["layer"].values.tolist(), "ratio": values(ratio(np.arange(n))), "low": values(low),
+            "high": values(high), "n_samples": n, "level": level, "n_boot": n_boot}
 
 
 def _nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -108,10 +109,12 @@ def file_hash(path: str) -> str:
 
 
 def sweep(cfg: SweepConfig) -> Path:
-    """Run the layer sweep into ``<out>/sweep.zarr`` and write ``<out>/report.html``; returns ``out``."""
+    """Run the layer sweep into ``<out>/sweep.zarr``, write ``<out>/report.html`` and the printed figures to
+    ``<out>/summary.json``; returns ``out``."""
     from interp.data.catalog import dataset_ref, load_dataset
     from interp.models import load
     from interp.report import write_sweep_report
+    from interp.report.sweep import score_ci
     from interp.store import SampleIndex
     from interp.store.ranks import process_group, rank_device
     from interp.trace.sweep import image_pair, is_lvlm, read_sweep, run_sweep, select_pairs
@@ -140,11 +143,22 @@ def sweep(cfg: SweepConfig) -> Path:
     tmp = out / ".report.html.new"  # written aside, then moved into place: never a half-written report
     write_sweep_report(results, tmp, title=f"Layer sweep: {cfg.mode} / {cfg.corrupt}")
     tmp.replace(out / "report.html")
+    summary = {}
     for name, ds in results.items():
         print(f"{name}: {ds.sizes['sample']} samples x {ds.sizes['layer']} layers x {ds.sizes['position']} positions "
               f"in {ds.attrs['elapsed_s']} s; peak mean effect {float(ds.effect.mean('sample').max()):.3f}")
-    print(f"sweep:  {out / 'sweep.zarr'}")
-    print(f"report: {out / 'report.html'}")
+        score = score_ci(ds)
+        summary[name] = {"samples": ds.sizes["sample"], "elapsed_s": ds.attrs["elapsed_s"],
+                         "peak_mean_effect": float(ds.effect.mean("sample").max()), "ground_truth": score}
+        if any(r is not None for r in score["ratio"]):
+            cells = [f"layer {layer} " + ("n/a" if r is None else f"{r:.1f}x" + ("" if lo is None else f" [{lo:.1f}, {hi:.1f}]"))
+                     for layer, r, lo, hi in zip(score["layer"], score["ratio"], score["low"], score["high"])]
+            print(f"  ground truth: share of positive effect on the finding's patches over the share expected by "
+                  f"area (1x = chance; 95% bootstrap CI, n={score['n_samples']}): {'; '.join(cells)}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"sweep:   {out / 'sweep.zarr'}")
+    print(f"report:  {out / 'report.html'}")
+    print(f"figures: {out / 'summary.json'}")
     return out
 
 
