@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,12 @@ def test_join_sweep_cache_and_samples(tmp_path: Path, organism: Path) -> None:
     lm = one["sweep/lm"]
     assert lm["token"].values[:width].tolist() == batch.positions[0].tokens  # the same positions, labelled alike
     assert np.isfinite(lm["effect"].values[:, :width]).all() and np.isnan(lm["effect"].values[:, width:]).all()
+
+
+def test_cli_absurd_chunk_size_is_capped_by_the_samples(tmp_path: Path, organism: Path) -> None:
+    """--chunk-samples beyond the data set: one chunk of all samples (Zarr allocates a chunk whole when written)."""
+    out = tmp_path / "c.zarr"
+    assert cli(organism, out, "--chunk-samples", "100000000") == 0
+    meta = json.loads((out / "acts" / "projector.out" / "zarr.json").read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 6
+    assert open_store(str(out)).attrs["chunk_samples"] == 6

@@ -282,7 +282,7 @@ def test_join_stores_errors(tmp_path: Path, full: Path) -> None:
 def test_absurd_chunk_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     big = {"x": Field((4096, 4096), ("position", "d"), "float32")}  # 64 MiB per sample
     index = SampleIndex([str(i) for i in range(1000)], dataset=INDEX.dataset)
-    with pytest.raises(InterpError, match="would hold 62.5 GiB .* use --chunk-samples 32 or less"):
+    with pytest.raises(InterpError, match="chunk of 1000 samples would hold 62.5 GiB .* use --chunk-samples 32 or less"):
         StoreWriter(str(tmp_path / "big.zarr"), "run", samples=index, fields=big, meta={}, chunk_samples=10**6)
     assert not (tmp_path / "big.zarr").exists()
 

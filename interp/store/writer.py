@@ -58,11 +58,12 @@ class StoreWriter:
             raise InterpError(f"chunk_samples must be >= 1, got {chunk_samples}")
         if not fields:
             raise InterpError(f"nothing to write in {analysis}")
+        chunk_samples = min(chunk_samples, len(samples))  # a Zarr chunk is allocated whole when written
         per_sample = sum(int(np.prod(f.shape)) * (16 if f.dtype == "str" else np.dtype(f.dtype).itemsize)
                          for f in fields.values())
-        if min(chunk_samples, len(samples)) * per_sample > MAX_CHUNK_BYTES:  # a chunk is built in memory
+        if chunk_samples * per_sample > MAX_CHUNK_BYTES:  # a chunk is built in memory
             raise InterpError(f"a chunk of {chunk_samples} samples would hold "
-                              f"{min(chunk_samples, len(samples)) * per_sample / 2**30:.1f} GiB of {analysis} arrays "
+                              f"{chunk_samples * per_sample / 2**30:.1f} GiB of {analysis} arrays "
                               f"(limit {MAX_CHUNK_BYTES / 2**30:.0f} GiB): use --chunk-samples "
                               f"{max(1, MAX_CHUNK_BYTES // per_sample)} or less")
         check_url(url, storage_options)
