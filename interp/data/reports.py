@@ -53,6 +53,15 @@ CHEXPERT_OF = {
     "nodule": "Lung Lesion", "cardiomegaly": "Cardiomegaly", "atelectasis": "Atelectasis", "edema": "Edema",
     "pneumonia": "Pneumonia", "opacity": "Lung Opacity", "fracture": "Fracture", "pleural_thickening": "Pleural Other",
 }
+#: finding -> IU-Xray MeSH major terms that mean it is present: a term matches it and every
+#: longer term under it ("Pleural Effusion" matches "Pleural Effusion/left/small")
+MESH_OF = {
+    "pleural_effusion": ("Pleural Effusion",), "pneumothorax": ("Pneumothorax",),
+    "consolidation": ("Consolidation",), "nodule": ("Nodule", "Mass"),
+    "cardiomegaly": ("Cardiomegaly", "Cardiac Shadow/enlarged"),
+    "atelectasis": ("Pulmonary Atelectasis",), "edema": ("Pulmonary Edema",), "pneumonia": ("Pneumonia",),
+    "opacity": ("Opacity", "Airspace Disease"), "fracture": ("Fractures, Bone",),
+}
 
 _EXTRA_NEGATION = {
     "preceding_negations": [
@@ -136,7 +145,17 @@ class NegationDetector:
         self.nlp = nlp
 
     def __call__(self, text: str) -> list[Mention]:
+        return self._mentions(self.nlp(text))
+
+    def sentences(self, text: str) -> list[tuple[str, list[Mention]]]:
+        """Each sentence of `text` (stripped) with its mentions."""
         doc = self.nlp(text)
+        by: dict[tuple[int, int], list[Mention]] = {}
+        for m in self._mentions(doc):
+            by.setdefault(m.sentence_span, []).append(m)
+        return [(s.text.strip(), by.get((s.start_char, s.end_char), [])) for s in doc.sents]
+
+    def _mentions(self, doc) -> list[Mention]:
         out = []
         for ent in doc.ents:
             status = "uncertain" if ent._.uncertain else "negated" if ent._.negex else "affirmed"
@@ -154,6 +173,15 @@ class NegationDetector:
                 return s
         return None
 
+    def report_status(self, text: str) -> dict[str, str]:
+        """Report-level status of each mentioned finding, CheXpert-style: affirmed if any
+        mention is (a left effusion and "no right effusion" is an effusion), else uncertain if
+        any is, else negated. Findings not mentioned are left out."""
+        got: dict[str, set[str]] = {}
+        for m in self(text):
+            got.setdefault(m.finding, set()).add(m.status)
+        return {f: next(s for s in ("affirmed", "uncertain", "negated") if s in ss) for f, ss in got.items()}
+
 
 # ---------------------------------------------------------------------------------------
 # corpora
@@ -161,7 +189,8 @@ class NegationDetector:
 
 @dataclass(frozen=True)
 class Report:
-    """A report; `text` is findings + impression when the report has them, else all of it."""
+    """A report; `text` is findings + impression when the report has them, else all of it;
+    `mesh`: IU-Xray's MeSH major terms ("normal", "Pleural Effusion/left/small", ...)."""
 
     id: str
     text: str
@@ -170,6 +199,7 @@ class Report:
     study_id: str | None = None
     images: tuple[str, ...] = ()
     source: str = ""
+    mesh: tuple[str, ...] = ()
 
 
 _SECTION = re.compile(r"^\s*([A-Z][A-Z /&]+):", re.MULTILINE)
@@ -236,8 +266,9 @@ def load_openi_reports(root: str | Path, limit: int | None = None) -> list[Repor
         uid = tree.find(".//uId")
         rid = uid.get("id") if uid is not None and uid.get("id") else p.stem
         images = tuple(i.get("id") for i in tree.iter("parentImage") if i.get("id"))
+        mesh = tuple(m.text.strip() for m in tree.iter("major") if m.text and m.text.strip())
         out.append(Report(id=rid, text=_body(sections, ""), sections=sections, study_id=rid,
-                          images=images, source=str(p)))
+                          images=images, source=str(p), mesh=mesh))
     return out
 
 

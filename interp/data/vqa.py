@@ -143,7 +143,8 @@ def _chain(name: str, kind: str, f: Finding | None) -> str:
     return chain
 
 
-def _items_for(image: int, split: str, spec: PhantomSpec, kinds: Iterable[str], modes: Iterable[str]) -> list[VQAItem]:
+def items_for(image: int, split: str, spec: PhantomSpec, kinds: Iterable[str], modes: Iterable[str]) -> list[VQAItem]:
+    """Every item of ``kinds`` x ``modes`` about image ``image`` (its ``spec``), findings in order."""
     out = []
     for kind in kinds:
         for name in FINDINGS:
@@ -178,7 +179,7 @@ def vocabulary() -> list[str]:
         specs += [PhantomSpec(anatomy, (Finding(name, s, z, "small"),)) for s in SIDES for z in zones]
     words = set(EXTRA_WORDS)
     for spec in specs:
-        for it in _items_for(0, "train", spec, ALL_KINDS, MODES):
+        for it in items_for(0, "train", spec, ALL_KINDS, MODES):
             words.update(it.prompt.split())
             words.update(it.target.split())
     return sorted(words)
@@ -304,7 +305,7 @@ def build_vqa(
     kinds, modes = _check("kinds", kinds, ALL_KINDS), _check("modes", modes, MODES)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     specs = [sample_spec(rng, prevalence, confounder_rate) for _ in range(n_images)]
-    items = [it for i, s in enumerate(specs) for it in _items_for(i, split, s, kinds, modes)]
+    items = [it for i, s in enumerate(specs) for it in items_for(i, split, s, kinds, modes)]
     config = {"kinds": list(kinds), "modes": list(modes), "prevalence": prevalence,
               "confounder_rate": confounder_rate}
     return VQADataset(seed, split, image_size, specs, items, config)

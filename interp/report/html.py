@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,20 @@ def figure_divs(figs: Iterable[go.Figure]) -> list[str]:
     return [figure_div(fig, include_plotlyjs=i == 0) for i, fig in enumerate(figs)]
 
 
+@dataclass(frozen=True)
+class Link:
+    """A table cell showing ``text`` as a link to ``href`` (both escaped)."""
+
+    text: str
+    href: str
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """An escaped HTML table; float cells are right-aligned with 3 decimals (NaN shows as —)."""
+    """An escaped HTML table; float cells are right-aligned with 3 decimals (NaN shows as —),
+    :class:`Link` cells are links."""
     def cell(v: Any) -> str:
+        if isinstance(v, Link):
+            return f'<td><a href="{esc(v.href)}">{esc(v.text)}</a></td>'
         if isinstance(v, float):
             return f'<td class="num">{"—" if v != v else f"{v:.3f}"}</td>'
         return f"<td>{esc(v)}</td>"

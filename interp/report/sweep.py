@@ -104,16 +104,16 @@ def _nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.where(n > 0, np.nansum(a, axis=axis) / np.maximum(n, 1), np.nan)
 
 
-def _thumb_size(width: int, height: int) -> tuple[int, int]:
-    """(width, height) scaled so the longest side is at most ``IMAGE_PX``."""
-    scale = min(1.0, IMAGE_PX / max(width, height))
+def _thumb_size(width: int, height: int, px: int = IMAGE_PX) -> tuple[int, int]:
+    """(width, height) scaled so the longest side is at most ``px``."""
+    scale = min(1.0, px / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _image_uri(image: np.ndarray) -> str:
-    """A [0, 1] grayscale image as a JPEG data URI, longest side at most ``IMAGE_PX``."""
+def _image_uri(image: np.ndarray, px: int = IMAGE_PX) -> str:
+    """A [0, 1] grayscale image as a JPEG data URI, longest side at most ``px``."""
     pic = Image.fromarray((np.nan_to_num(image).clip(0, 1) * 255).astype(np.uint8), mode="L")
-    pic = pic.resize(_thumb_size(*pic.size), Image.Resampling.LANCZOS)
+    pic = pic.resize(_thumb_size(*pic.size, px), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     pic.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

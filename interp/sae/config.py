@@ -1,0 +1,38 @@
+"""SAE training settings (light: the command line parses them before torch loads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from interp.errors import InterpError
+
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class SAETrainConfig:
+    """One SAE training run (SAELens-style: the architecture's own knobs sit beside the shared ones)."""
+
+    store: str = "caches/organism-phantom-train-2000.zarr"
+    site: str = "projector.out"
+    tokens: str = "patch"
+    architecture: str = "topk"
+    expansion: int = 8  # d_sae = expansion x d_in
+    k: int = 8  # topk / batchtopk: active features per token
+    l1_coefficient: float = 5.0  # standard
+    l0_coefficient: float = 1.0  # jumprelu
+    lr: float = 1e-3
+    batch_size: int = 1024
+    training_tokens: int = 2_000_000
+    test_fraction: float = 0.1
+    buffer_chunks: int = 16
+    checkpoint_every: int = 500_000
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "reports/sae"
+
+    def validate(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise InterpError(f"unknown architecture {self.architecture!r}: choose {', '.join(ARCHITECTURES)}")
+        if self.training_tokens < self.batch_size:
+            raise InterpError(f"training tokens ({self.training_tokens}) must be at least one batch ({self.batch_size})")

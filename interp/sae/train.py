@@ -1,0 +1,82 @@
+"""Train a sparse autoencoder on vision features streamed from a results store, with sae_lens's trainer.
+
+sae_lens does the SAE (architectures, losses, dead-feature bookkeeping, checkpoints); we give it a
+data provider that streams shuffled token batches from the store (``StoreActivations``). Output:
+``<out>/sae`` in SAELens's format (``sae_lens.SAE.load_from_disk`` opens it; the cfg's metadata names
+the site and store), ``<out>/checkpoints/<n tokens>`` every ``checkpoint_every`` tokens (a rerun
+resumes from the last), ``<out>/train.json`` with the config and the figures logged along the way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interp.sae.config import SAETrainConfig
+from interp.sae.data import StoreActivations
+
+def sae_config(cfg: SAETrainConfig, d_in: int) -> Any:
+    """The sae_lens training config of ``cfg.architecture``."""
+    import sae_lens
+
+    shared = {"d_in": d_in, "d_sae": cfg.expansion * d_in, "device": cfg.device}
+    if cfg.architecture == "standard":
+        return sae_lens.StandardTrainingSAEConfig(**shared, l1_coefficient=cfg.l1_coefficient)
+    if cfg.architecture == "jumprelu":
+        return sae_lens.JumpReLUTrainingSAEConfig(**shared, l0_coefficient=cfg.l0_coefficient)
+    kind = sae_lens.TopKTrainingSAEConfig if cfg.architecture == "topk" else sae_lens.BatchTopKTrainingSAEConfig
+    return kind(**shared, k=cfg.k)
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    done = sorted((p for p in (out / "checkpoints").glob("*") if (p / "cfg.json").is_file()),
+                  key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    return done[-1] if done else None
+
+
+def train_sae(cfg: SAETrainConfig) -> Path:
+    """Train (or resume) and save; returns ``<out>/sae``."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.sae import TrainingSAE
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    cfg.validate()
+    out = Path(cfg.out)
+    source = StoreActivations(cfg.store, cfg.site, cfg.tokens, "train", cfg.test_fraction, cfg.seed)
+    sae_cfg = sae_config(cfg, source.d_in)
+    sae_cfg.metadata.hook_name = cfg.site
+    sae_cfg.metadata.dataset_path = cfg.store
+    ckpt = _last_checkpoint(out)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's generator
+        torch.manual_seed(cfg.seed)
+        sae = TrainingSAE.from_dict(sae_cfg.to_dict()) if ckpt is None else TrainingSAE.load_from_disk(str(ckpt))
+    n_steps = cfg.training_tokens // cfg.batch_size
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=n_steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
+        lr_end=cfg.lr, device=cfg.device, logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=max(0, cfg.training_tokens // cfg.checkpoint_every - 1) if cfg.checkpoint_every else 0,
+        checkpoint_path=str(out / "checkpoints"),
+        dead_feature_window=max(1, min(1000, n_steps // 4)), feature_sampling_window=max(1, min(2000, n_steps // 4)))
+
+    def provider():  # runs from the first batch fit() asks for, after a resumed state is loaded
+        yield from source.batches(cfg.batch_size, buffer_chunks=cfg.buffer_chunks,
+                                  start=trainer.n_training_samples // cfg.batch_size)
+
+    trainer = SAETrainer(trainer_cfg, sae, provider())
+    if ckpt is not None:  # resume: the optimizer, the step count, the dead-feature statistics
+        trainer.load_trainer_state(ckpt)
+    trained = trainer.fit()
+    final = out / "sae"
+    if final.exists():
+        shutil.rmtree(final)
+    trained.save_model(str(final))
+    (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "d_in": source.d_in,
+                                                "train_images": len(source.samples), "train_tokens_per_epoch":
+                                                source.n_tokens, "steps": trainer.n_training_steps,
+                                                "resumed_from": str(ckpt) if ckpt else None}, indent=1))
+    return final

@@ -1,0 +1,217 @@
+"""SAEs from the store: the streaming provider against direct reads, sae_lens's own loader and trainer,
+metrics against hand computations, resumption, and the CLI end to end on the organism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from interp.cache import acts_layout
+from interp.errors import InterpError
+from interp.sae.config import SAETrainConfig
+from interp.sae.data import StoreActivations
+from interp.store import SampleIndex, StoreWriter
+
+N, CS, D = 12, 4, 6
+SITES = {"vision.blocks.0.resid_post": (5, D), "projector.out": (4, D)}  # CLS + 2x2 patches; 2x2 patches
+GRIDS = {"vision.blocks.0.resid_post": (2, 2, True), "projector.out": (2, 2, False)}
+IMAGE = [i // 2 for i in range(N)]  # two questions per image: the same vision features
+
+
+def values(site: str) -> np.ndarray:
+    """Deterministic activations, equal for samples of one image (an independent reference for reads)."""
+    n_pos = SITES[site][0]
+    base = np.arange(max(IMAGE) + 1)[:, None, None] * 100.0 + np.arange(n_pos)[None, :, None] * 10 + np.arange(D)
+    return base[IMAGE].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("sae") / "acts.zarr")
+    fields, statics = acts_layout(SITES, GRIDS, 3, "float32", [])
+    index = SampleIndex([f"s{i}" for i in range(N)], {"image_path": [""] * N}, IMAGE,
+                        dataset={"ref": "synthetic", "limit": None, "name": "synthetic", "hash": "h"})
+    w = StoreWriter(url, "acts", samples=index, fields=fields, statics=statics, meta={"model_id": "x"}, chunk_samples=CS)
+    for r in w.pending():
+        seq = {"tokens": np.zeros((len(r), 3)), "token_text": np.full((len(r), 3), "", object),
+               "position_kind": np.full((len(r), 3), 3), "position_row": np.full((len(r), 3), -1),
+               "position_col": np.full((len(r), 3), -1), "position_span": np.zeros((len(r), 3)),
+               "valid": np.ones((len(r), 3), bool)}
+        w.write(r.start, {**seq, **{s: values(s)[r.start:r.stop] for s in SITES}})
+    w.close()
+    return url
+
+
+def test_split_by_image_and_one_sample_per_image(store: str) -> None:
+    train = StoreActivations(store, "projector.out", split="train", test_fraction=0.34)
+    test = StoreActivations(store, "projector.out", split="test", test_fraction=0.34)
+    images = [IMAGE[r] for r in train.samples] + [IMAGE[r] for r in test.samples]
+    assert sorted(images) == list(range(N // 2))  # every image once, on one side only
+    assert len(test.samples) == 3 and set(train.samples).isdisjoint(test.samples)
+
+
+@pytest.mark.parametrize("site, tokens, n_pos", [("vision.blocks.0.resid_post", "patch", 4),
+                                                 ("vision.blocks.0.resid_post", "cls", 1),
+                                                 ("vision.blocks.0.resid_post", "all", 5),
+                                                 ("projector.out", "patch", 4)])
+def test_one_epoch_streams_exactly_the_split(store: str, site: str, tokens: str, n_pos: int) -> None:
+    src = StoreActivations(store, site, tokens, "train", test_fraction=0.34)
+    want = values(site)[src.samples][:, src.positions].reshape(-1, D)
+    assert len(src.positions) == n_pos and src.n_tokens == len(want)
+    plain = torch.cat(list(src.batches(5, shuffle=False, epochs=1))).numpy()
+    np.testing.assert_array_equal(plain, want)
+    shuffled = torch.cat(list(src.batches(2, epochs=1, buffer_chunks=1))).numpy()
+    assert len(shuffled) == len(want) // 2 * 2  # full batches only; the rest carries into the next epoch
+    rows = {tuple(r) for r in want}
+    assert {tuple(r) for r in shuffled} <= rows and not np.array_equal(shuffled, want[: len(shuffled)])
+
+
+def test_start_skips_batches_exactly(store: str) -> None:
+    src = StoreActivations(store, "projector.out", "patch", "train", test_fraction=0.34, seed=3)
+    stream = src.batches(3)
+    first = [next(stream) for _ in range(9)]
+    resumed = src.batches(3, start=4)
+    for b in first[4:]:
+        assert torch.equal(next(resumed), b)
+
+
+def test_bad_sources(store: str, tmp_path: Path) -> None:
+    with pytest.raises(InterpError, match="not a vision"):
+        StoreActivations(store, "lm.blocks.0.resid_post")
+    with pytest.raises(InterpError, match="is not in"):
+        StoreActivations(store, "vision.blocks.7.resid_post")
+    with pytest.raises(InterpError, match="unknown tokens"):
+        StoreActivations(store, "projector.out", tokens="everything")
+    with pytest.raises(InterpError, match="has no cls tokens"):
+        StoreActivations(store, "projector.out", tokens="cls")
+
+
+def test_metrics_against_hand_computation(store: str) -> None:
+    """A ReLU SAE with identity weights: the code is relu(x), the reconstruction relu(x)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from interp.sae.metrics import reconstruction
+
+    sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=D, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+        sae.W_enc.copy_(torch.eye(D))
+        sae.W_dec.copy_(torch.eye(D))
+        sae.b_dec.copy_(torch.tensor([0, 0, 0, 0, 0, -1000.0]))  # feature 5 reconstructs badly, on purpose
+        sae.b_enc.copy_(torch.tensor([0, -1e9, 0, 0, 0, 0]))  # feature 1 never fires: dead
+    src = StoreActivations(store, "projector.out", split="train", test_fraction=0.34)
+    x = values("projector.out")[src.samples].reshape(-1, D).astype(np.float64)
+    code = np.maximum(x + np.array([0, -1e9, 0, 0, 0, 0]), 0)
+    recon = code + np.array([0, 0, 0, 0, 0, -1000.0])
+    got = reconstruction(sae, src, batch_size=7)
+    ev = 1 - ((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert got["explained_variance"] == pytest.approx(ev, rel=1e-9)
+    assert got["l0"] == pytest.approx((code > 0).sum(1).mean())
+    assert got["dead_features"] == 1 and got["dense_features"] == int(((code > 0).mean(0) > 0.1).sum())
+    assert got["tokens"] == len(x)
+
+
+@pytest.fixture(scope="module")
+def trained(store: str, tmp_path_factory) -> tuple[SAETrainConfig, Path]:
+    from interp.sae.train import train_sae
+
+    cfg = SAETrainConfig(store=store, site="projector.out", k=2, expansion=2, batch_size=4, training_tokens=64,
+                         checkpoint_every=32, test_fraction=0.34, out=str(tmp_path_factory.mktemp("run")))
+    return cfg, train_sae(cfg)
+
+
+def test_saved_in_sae_lens_format(trained) -> None:
+    from sae_lens import SAE
+
+    cfg, path = trained
+    sae = SAE.load_from_disk(str(path))
+    assert sae.cfg.d_in == D and sae.cfg.d_sae == 2 * D and sae.cfg.metadata.hook_name == "projector.out"
+    assert sae.cfg.architecture() == "topk" and sae.cfg.k == 2
+
+
+def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(trained) -> None:
+    import shutil
+
+    from sae_lens import SAE
+
+    from interp.sae.train import train_sae
+
+    cfg, path = trained
+    full = {k: v.clone() for k, v in SAE.load_from_disk(str(path)).state_dict().items()}
+    shutil.rmtree(path)  # as if killed after the checkpoint: the rerun resumes from it
+    resumed = SAE.load_from_disk(str(train_sae(cfg))).state_dict()
+    log = json.loads((Path(cfg.out) / "train.json").read_text())
+    assert log["resumed_from"].endswith("checkpoints/36")  # not a fresh run (that would match too, being seeded)
+    for k, v in full.items():
+        torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6)
+
+
+# --- the organism end to end --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def organism_store(tmp_path_factory) -> str:
+    from interp.cache.__main__ import main as cache_main
+
+    out = str(tmp_path_factory.mktemp("org") / "acts.zarr")
+    assert cache_main(["--data", "phantom-train:30", "--sites", "projector.out", "--out", out, "--chunk-samples", "8"]) == 0
+    return out
+
+
+def test_exact_splice_changes_nothing(organism_store: str) -> None:
+    """relu(x) - relu(-x) = x: an SAE with W_enc = [I, -I], W_dec = [I; -I] reconstructs exactly, so splicing
+    it in leaves the answers as they are (KL 0, all the loss recovered), unlike zero- and mean-ablation."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from interp.data.catalog import load_dataset
+    from interp.models import load
+    from interp.sae.metrics import downstream, token_mean
+
+    adapter, data = load("organism"), load_dataset("phantom-train:30")
+    test = StoreActivations(organism_store, "projector.out", split="test", test_fraction=0.2)
+    d = test.d_in
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+        sae.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 1))
+        sae.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 0))
+    items = [data.items[r] for r in test.samples]
+    got = downstream(adapter, sae, test, items, data.image, token_mean(test))
+    assert got["sae"]["kl"] == pytest.approx(0.0, abs=1e-9) and got["sae"]["ce"] == pytest.approx(got["clean"]["ce"])
+    assert got["sae"]["loss_recovered_vs_zero"] == pytest.approx(1.0) and got["zero"]["kl"] > 0.01
+    batch = adapter.encode([data.image(it.image) for it in items], [it.prompt for it in items])
+    logits, _ = adapter.run(batch)  # the clean accuracy, independently
+    top = adapter.readout(logits, batch).argmax(-1)
+    want = np.mean([adapter.tokenizer.convert_ids_to_tokens(int(t)) == it.answer for t, it in zip(top, items)])
+    assert got["clean"]["accuracy"] == pytest.approx(want)
+
+
+def test_cli_train_and_analyze(organism_store: str, tmp_path: Path, capsys) -> None:
+    from interp.sae.__main__ import main
+
+    out = tmp_path / "sae"
+    assert main(["train", "--store", organism_store, "--training-tokens", "4096", "--batch-size", "256",
+                 "--test-fraction", "0.2", "--checkpoint-every", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "explained variance" in printed and "cardiomegaly" in printed
+    log = json.loads((out / "train.json").read_text())
+    assert set(log["held_out"]["finding_auroc"]) == {"pleural_effusion", "pneumothorax", "consolidation", "nodule",
+                                                     "cardiomegaly"}
+    assert main(["analyze", "--out", str(out), "--downstream-samples", "4", "--features", "3", "--top-k", "3"]) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    assert {"reconstruction", "downstream", "ground_truth", "reports"} <= set(result)
+    assert len(result["dashboard_features"]) == 3
+    html = (out / "features.html").read_text()
+    assert html.count("window.PlotlyConfig") == 1 and 'src="http' not in html
+    from interp.store import open_store
+
+    tree = open_store(str(out / "features.zarr"))
+    assert tree["sae"]["image_acts"].shape == (6, 8 * 64) and tree.sizes["sample"] == 6  # expansion 8 x d_in 64
+    assert main(["analyze", "--out", str(tmp_path / "none")]) == 2
+    assert "train an SAE" in capsys.readouterr().err
