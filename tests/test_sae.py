@@ -125,13 +125,21 @@ def trained(store: str, tmp_path_factory) -> tuple[SAETrainConfig, Path]:
     return cfg, train_sae(cfg)
 
 
-def test_saved_in_sae_lens_format(trained) -> None:
+@pytest.mark.parametrize("architecture, inference", [("standard", "standard"), ("topk", "topk"),
+                                                     ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu")])
+def test_every_architecture_loads_with_sae_lens(store: str, tmp_path: Path, architecture: str, inference: str) -> None:
+    """Saved as SAELens's inference model: its own loader opens it (BatchTopK becomes a JumpReLU SAE)."""
     from sae_lens import SAE
 
-    cfg, path = trained
-    sae = SAE.load_from_disk(str(path))
-    assert sae.cfg.d_in == D and sae.cfg.d_sae == 2 * D and sae.cfg.metadata.hook_name == "projector.out"
-    assert sae.cfg.architecture() == "topk" and sae.cfg.k == 2
+    from interp.sae.train import train_sae
+
+    cfg = SAETrainConfig(store=store, site="projector.out", architecture=architecture, k=2, expansion=2, batch_size=4,
+                         training_tokens=32, checkpoint_every=0, test_fraction=0.34, out=str(tmp_path))
+    sae = SAE.load_from_disk(str(train_sae(cfg)))
+    assert sae.cfg.architecture() == inference and sae.cfg.d_in == D and sae.cfg.d_sae == 2 * D
+    assert sae.cfg.metadata.hook_name == "projector.out"
+    x = torch.from_numpy(values("projector.out")[:3, 0])
+    assert sae.decode(sae.encode(x)).shape == x.shape
 
 
 def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(trained) -> None:

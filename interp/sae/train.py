@@ -74,7 +74,7 @@ def train_sae(cfg: SAETrainConfig) -> Path:
     final = out / "sae"
     if final.exists():
         shutil.rmtree(final)
-    trained.save_model(str(final))
+    trained.save_inference_model(str(final))  # the inference architecture (batchtopk saves as jumprelu)
     (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "d_in": source.d_in,
                                                 "train_images": len(source.samples), "train_tokens_per_epoch":
                                                 source.n_tokens, "steps": trainer.n_training_steps,
