@@ -220,6 +220,6 @@ def test_cli_train_and_analyze(organism_store: str, tmp_path: Path, capsys) -> N
     from interp.store import open_store
 
     tree = open_store(str(out / "features.zarr"))
-    assert tree["sae"]["image_acts"].shape == (6, 8 * 64) and tree.sizes["sample"] == 6  # expansion 8 x d_in 64
+    assert tree["sae"]["image_acts"].shape == (6, 4 * 64) and tree.sizes["sample"] == 6  # expansion 4 x d_in 64
     assert main(["analyze", "--out", str(tmp_path / "none")]) == 2
     assert "train an SAE" in capsys.readouterr().err

@@ -29,6 +29,8 @@ from interp.sae.metrics import downstream, reconstruction, token_mean
 from interp.store import Field, SampleIndex, StoreWriter, dataset_of, open_store
 
 FEATURE_BATCH = 4096
+TUNE_IMAGES = 300  # training images the compiled reports' strength cut is chosen on
+STRENGTH_CUTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def load_sae(path: str) -> Any:
@@ -146,15 +148,18 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
     reports = phantom_reports([data.specs[i] for i in train_images], seed=cfg.seed)
     descriptions = describe_features(train_codes.max(1), reports, top_k=top_k, seed=cfg.seed,
                                      method="lm" if lm else "extractive", lm_path=lm, lm_device=device)
-    compiled = compile_reports(test_codes.max(1), descriptions)
+    cut = _strength_cut(train_codes.max(1)[:TUNE_IMAGES], train_images[:TUNE_IMAGES], descriptions, data)
+    compiled = compile_reports(_above(test_codes.max(1), train_codes.max(1).max(0), cut), descriptions)
+    result["reports_min_strength"] = cut
     labels = {f: [int(data.specs[i].has(f)) for i in images] for f in FINDINGS}
     own = _model_answers(adapter, data, images)
     result["reports"] = {"compiled": score_reports(compiled, labels),
                          "model_answers": score_reports([answers_to_text(a) for a in own], labels),
                          "examples": compiled[:5]}
-    yield (f"compiled reports ({len(compiled)} held-out images): micro F1 "
-           f"{result['reports']['compiled']['micro']['f1']}; the model's own answers: micro F1 "
-           f"{result['reports']['model_answers']['micro']['f1']}")
+    yield (f"compiled reports ({len(compiled)} held-out images; features at >= {cut:.1f} of their peak, chosen on "
+           f"{min(TUNE_IMAGES, len(train_images))} training images): micro F1 "
+           f"{result['reports']['compiled']['micro']['f1']:.3f}; the model's own answers: micro F1 "
+           f"{result['reports']['model_answers']['micro']['f1']:.3f}")
 
     shown = _shown_features(result["ground_truth"], test_codes, n_features)
     effects = {j: _ablation(adapter, sae, split["test"], test_items[:downstream_samples or 50], data.image, j)
@@ -168,8 +173,8 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
         views.append(FeatureView(
             feature=j, images=np.stack([phantoms[t].image for t in top]),
             maps=test_codes[top, :, j].reshape(len(top), rows_, cols_), values=test_codes[:, :, j].ravel(),
-            description=descriptions[j].description, captions=[f"{test_items[t].id}: {test_codes[t, :, j].max():.2f}"
-                                                                for t in top],
+            description=descriptions[j].description,
+            captions=[f"image {test_items[t].image}: {test_codes[t, :, j].max():.2f}" for t in top],
             masks=None if mask_name is None else ((grid | concepts)[mask_name][top] >= 0.5).reshape(len(top), rows_, cols_),
             matches=matched, effects=effects[j]))
     page = write_feature_dashboards(Path(out) / "features.html", views, title=f"SAE features: {cfg.site}",
@@ -180,6 +185,23 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
                                                          "descriptions": [d.to_dict() for d in descriptions]},
                                                         indent=1, default=_plain))
     yield f"dashboards: {page}\nfeatures:   {store}\nfigures:    {Path(out) / 'analysis.json'}"
+
+
+def _above(image_acts: np.ndarray, peak: np.ndarray, cut: float) -> np.ndarray:
+    """Activations with those under ``cut`` x the feature's training maximum set to 0 (not reported)."""
+    return np.where(image_acts >= cut * np.where(peak > 0, peak, np.inf), image_acts, 0.0)
+
+
+def _strength_cut(image_acts: np.ndarray, images: list[int], descriptions: list, data: Any) -> float:
+    """The relative strength a feature needs to enter a compiled report: the cut with the best micro F1 on
+    training images (the held-out ones are scored with it, never tuned on)."""
+    from interp.sae.describe import compile_reports, score_reports
+
+    labels = {f: [int(data.specs[i].has(f)) for i in images] for f in FINDINGS}
+    peak = image_acts.max(0)
+    f1 = {cut: score_reports(compile_reports(_above(image_acts, peak, cut), descriptions), labels)["micro"]["f1"] or 0.0
+          for cut in STRENGTH_CUTS}
+    return max(f1, key=f1.get)
 
 
 def _plain(x: Any) -> Any:

@@ -16,8 +16,8 @@ class SAETrainConfig:
     store: str = "caches/organism-phantom-train-2000.zarr"
     site: str = "projector.out"
     tokens: str = "patch"
-    architecture: str = "topk"
-    expansion: int = 8  # d_sae = expansion x d_in
+    architecture: str = "jumprelu"
+    expansion: int = 4  # d_sae = expansion x d_in
     k: int = 8  # topk / batchtopk: active features per token
     l1_coefficient: float = 5.0  # standard
     l0_coefficient: float = 1.0  # jumprelu

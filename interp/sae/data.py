@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import xarray as xr
+import zarr
 
 from interp.errors import InterpError
 from interp.sites import parse
 from interp.store import open_store
+from interp.store.layout import target
 
 TOKENS = ("patch", "cls", "all")
 GRID_TOWERS = ("vision", "projector")
@@ -39,6 +41,7 @@ class StoreActivations:
     test_fraction: float = 0.1
     seed: int = 0
     acts: xr.DataArray = field(init=False, repr=False)
+    _zarr: zarr.Array = field(init=False, repr=False)
     samples: np.ndarray = field(init=False, repr=False)  # store rows of this split, one per image, ascending
     positions: np.ndarray = field(init=False, repr=False)  # position indices of the chosen tokens
     kinds: np.ndarray = field(init=False, repr=False)  # their kind codes
@@ -59,6 +62,8 @@ class StoreActivations:
         if self.site not in node.data_vars:
             raise InterpError(f"site {self.site} is not in {self.url}; cached sites: {', '.join(node.data_vars)}")
         self.acts = node[self.site]
+        where, opts = target(self.url, None)
+        self._zarr = zarr.open_group(where, mode="r", **opts)[f"acts/{self.site}"]  # reads without dask's graph
         kind = node[f"{self.acts.dims[1]}_kind"].values
         wanted = (kind == KIND["patch"]) | (kind == KIND["cls"]) if self.tokens == "all" else kind == KIND[self.tokens]
         self.positions, self.kinds = np.flatnonzero(wanted), kind[wanted]
@@ -91,12 +96,12 @@ class StoreActivations:
 
     def chunks(self) -> list[np.ndarray]:
         """This split's rows grouped by the store chunk that holds them (one read each)."""
-        size = self.acts.data.chunksize[0]
+        size = self._zarr.chunks[0]
         return [g for g in np.split(self.samples, np.flatnonzero(np.diff(self.samples // size)) + 1) if len(g)]
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """float32 [len(rows), n_positions, d]: the chosen tokens of these rows (one chunk's worth)."""
-        values = self.acts.isel(sample=slice(int(rows[0]), int(rows[-1]) + 1)).values
+        values = self._zarr[int(rows[0]):int(rows[-1]) + 1]
         return np.asarray(values[rows - rows[0]][:, self.positions], np.float32)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, buffer_chunks: int = 16, start: int = 0,
