@@ -283,7 +283,8 @@ def test_unexpected_error_is_one_line_and_debug_raises(tmp_path, capsys, monkeyp
 # --help without torch; no weight-loading bar
 
 
-@pytest.mark.parametrize("module,argv", [(m, []) for m in CLIS] + [("interp.nast", ["trace"]), ("interp.nast", ["train"])])
+@pytest.mark.parametrize("module,argv", [(m, []) for m in CLIS] + [("interp.nast", ["trace"]), ("interp.nast", ["train"]),
+                                                                   ("interp.sae", ["train"]), ("interp.sae", ["analyze"])])
 def test_help_imports_no_torch(module, argv):
     """What makes ``--help`` fast: parsing it, as ``python -m`` runs the module, never imports torch."""
     code = (f"import runpy, sys; sys.argv = [{module!r}, *{argv!r}, '--help']\n"

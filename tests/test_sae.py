@@ -223,3 +223,20 @@ def test_cli_train_and_analyze(organism_store: str, tmp_path: Path, capsys) -> N
     assert tree["sae"]["image_acts"].shape == (6, 4 * 64) and tree.sizes["sample"] == 6  # expansion 4 x d_in 64
     assert main(["analyze", "--out", str(tmp_path / "none")]) == 2
     assert "train an SAE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--store", "/nowhere/x.zarr"], "no store at /nowhere/x.zarr"),
+    (["--site", "lm.blocks.0.resid_post"], "not a vision.* or projector.* site"),
+    (["--site", "vision.blocks.9.resid_post"], "is not in"),
+    (["--architecture", "gated"], "invalid choice"),
+    (["--training-tokens", "10"], "must be at least one batch"),
+    (["--test-fraction", "1.5"], "--test-fraction"),
+])
+def test_cli_bad_input_is_one_line(store: str, tmp_path: Path, capsys, args: list, message: str) -> None:
+    from interp.sae.__main__ import main
+
+    assert main(["train", "--store", store, "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "o").exists()
