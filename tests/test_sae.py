@@ -126,7 +126,8 @@ def trained(store: str, tmp_path_factory) -> tuple[SAETrainConfig, Path]:
 
 
 @pytest.mark.parametrize("architecture, inference", [("standard", "standard"), ("topk", "topk"),
-                                                     ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu")])
+                                                     ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu"),
+                                                     ("matryoshka", "jumprelu")])
 def test_every_architecture_loads_with_sae_lens(store: str, tmp_path: Path, architecture: str, inference: str) -> None:
     """Saved as SAELens's inference model: its own loader opens it (BatchTopK becomes a JumpReLU SAE)."""
     from sae_lens import SAE
@@ -134,7 +135,7 @@ def test_every_architecture_loads_with_sae_lens(store: str, tmp_path: Path, arch
     from interp.sae.train import train_sae
 
     cfg = SAETrainConfig(store=store, site="projector.out", architecture=architecture, k=2, expansion=2, batch_size=4,
-                         training_tokens=32, checkpoint_every=0, test_fraction=0.34, out=str(tmp_path))
+                         training_tokens=32, checkpoint_every=0, test_fraction=0.34, widths="4", out=str(tmp_path))
     sae = SAE.load_from_disk(str(train_sae(cfg)))
     assert sae.cfg.architecture() == inference and sae.cfg.d_in == D and sae.cfg.d_sae == 2 * D
     assert sae.cfg.metadata.hook_name == "projector.out"

@@ -31,7 +31,8 @@ CHOICES = {"architecture": ARCHITECTURES, "tokens": ("patch", "cls", "all")}
 HELP = {"store": "results store with cached vision activations (python -m interp.cache)",
         "site": "a vision.* or projector.* site cached in the store", "tokens": "which tokens train the SAE",
         "architecture": "SAE kind (sae_lens)", "expansion": "d_sae = expansion x d_in",
-        "k": "topk / batchtopk: active features per token", "l1_coefficient": "standard SAE's sparsity penalty",
+        "k": "topk / batchtopk / matryoshka: active features per token",
+        "widths": "matryoshka: comma-separated nested widths that must reconstruct alone (the full width is added)", "l1_coefficient": "standard SAE's sparsity penalty",
         "l0_coefficient": "jumprelu's sparsity penalty", "training_tokens": "tokens seen in training",
         "test_fraction": "share of the store's distinct images held out", "buffer_chunks": "store chunks per "
         "shuffle buffer (the memory bound)", "checkpoint_every": "tokens between checkpoints (0: none)",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from interp.errors import InterpError
 
-ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka")
 
 
 @dataclass
@@ -18,7 +18,8 @@ class SAETrainConfig:
     tokens: str = "patch"
     architecture: str = "jumprelu"
     expansion: int = 4  # d_sae = expansion x d_in
-    k: int = 8  # topk / batchtopk: active features per token
+    k: int = 8  # topk / batchtopk / matryoshka: active features per token
+    widths: str = "16,64"  # matryoshka: nested prefixes that must reconstruct on their own (then the full width)
     l1_coefficient: float = 5.0  # standard
     l0_coefficient: float = 1.0  # jumprelu
     lr: float = 1e-3

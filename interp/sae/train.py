@@ -29,6 +29,9 @@ def sae_config(cfg: SAETrainConfig, d_in: int) -> Any:
         return sae_lens.StandardTrainingSAEConfig(**shared, l1_coefficient=cfg.l1_coefficient)
     if cfg.architecture == "jumprelu":
         return sae_lens.JumpReLUTrainingSAEConfig(**shared, l0_coefficient=cfg.l0_coefficient)
+    if cfg.architecture == "matryoshka":  # nested dictionaries: early features stay general (less splitting)
+        widths = sorted({*(int(w) for w in cfg.widths.split(",") if w.strip()), shared["d_sae"]})
+        return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(**shared, k=cfg.k, matryoshka_widths=widths)
     kind = sae_lens.TopKTrainingSAEConfig if cfg.architecture == "topk" else sae_lens.BatchTopKTrainingSAEConfig
     return kind(**shared, k=cfg.k)
 
