@@ -26,7 +26,8 @@ from interp.sae.config import ARCHITECTURES, SAETrainConfig
 TYPES = {"expansion": positive_int, "k": positive_int, "l1_coefficient": positive_float,
          "l0_coefficient": positive_float, "lr": positive_float, "batch_size": positive_int,
          "training_tokens": positive_int, "test_fraction": fraction, "buffer_chunks": positive_int,
-         "checkpoint_every": non_negative_int, "seed": non_negative_int, "device": torch_device, "out": out_dir}
+         "checkpoint_every": non_negative_int, "seed": non_negative_int, "threads": positive_int,
+         "device": torch_device, "out": out_dir}
 CHOICES = {"architecture": ARCHITECTURES, "tokens": ("patch", "cls", "all")}
 HELP = {"store": "results store with cached vision activations (python -m interp.cache)",
         "site": "a vision.* or projector.* site cached in the store", "tokens": "which tokens train the SAE",
@@ -66,7 +67,10 @@ def train(args: argparse.Namespace) -> None:
     from interp.sae.analysis import quick_report
     from interp.sae.train import train_sae
 
+    import torch
+
     cfg = SAETrainConfig(**{f.name: getattr(args, f.name) for f in fields(SAETrainConfig)})
+    torch.set_num_threads(cfg.threads)
     path = train_sae(cfg)
     summary = quick_report(str(path), cfg)
     log = Path(cfg.out) / "train.json"

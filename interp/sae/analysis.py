@@ -189,7 +189,7 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
 
 def _above(image_acts: np.ndarray, peak: np.ndarray, cut: float) -> np.ndarray:
     """Activations with those under ``cut`` x the feature's training maximum set to 0 (not reported)."""
-    return np.where(image_acts >= cut * np.where(peak > 0, peak, np.inf), image_acts, 0.0)
+    return np.where(image_acts >= np.where(peak > 0, cut * peak, np.inf), image_acts, 0.0)
 
 
 def _strength_cut(image_acts: np.ndarray, images: list[int], descriptions: list, data: Any) -> float:

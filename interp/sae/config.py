@@ -16,19 +16,20 @@ class SAETrainConfig:
     store: str = "caches/organism-phantom-train-2000.zarr"
     site: str = "projector.out"
     tokens: str = "patch"
-    architecture: str = "jumprelu"
-    expansion: int = 4  # d_sae = expansion x d_in
+    architecture: str = "matryoshka"
+    expansion: int = 8  # d_sae = expansion x d_in
     k: int = 8  # topk / batchtopk / matryoshka: active features per token
-    widths: str = "16,64"  # matryoshka: nested prefixes that must reconstruct on their own (then the full width)
+    widths: str = "8,32,128"  # matryoshka: nested prefixes that must reconstruct on their own (then the full width)
     l1_coefficient: float = 5.0  # standard
     l0_coefficient: float = 1.0  # jumprelu
     lr: float = 1e-3
     batch_size: int = 1024
-    training_tokens: int = 2_000_000
+    training_tokens: int = 3_000_000
     test_fraction: float = 0.1
     buffer_chunks: int = 16
     checkpoint_every: int = 500_000
     seed: int = 0
+    threads: int = 1  # torch intra-op threads: float sums (and so the features learnt) depend on them
     device: str = "cpu"
     out: str = "reports/sae"
 
