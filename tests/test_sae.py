@@ -221,7 +221,7 @@ def test_cli_train_and_analyze(organism_store: str, tmp_path: Path, capsys) -> N
     from interp.store import open_store
 
     tree = open_store(str(out / "features.zarr"))
-    assert tree["sae"]["image_acts"].shape == (6, 4 * 64) and tree.sizes["sample"] == 6  # expansion 4 x d_in 64
+    assert tree["sae"]["image_acts"].shape == (6, 8 * 64) and tree.sizes["sample"] == 6  # expansion 8 x d_in 64
     assert main(["analyze", "--out", str(tmp_path / "none")]) == 2
     assert "train an SAE" in capsys.readouterr().err
 
@@ -241,3 +241,10 @@ def test_cli_bad_input_is_one_line(store: str, tmp_path: Path, capsys, args: lis
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_matryoshka_widths(store: str, tmp_path: Path, capsys) -> None:
+    from interp.sae.__main__ import main
+
+    assert main(["train", "--store", store, "--widths", "8,x", "--out", str(tmp_path / "o")]) == 2
+    assert "--widths must be comma-separated positive integers" in capsys.readouterr().err

@@ -36,5 +36,16 @@ class SAETrainConfig:
     def validate(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise InterpError(f"unknown architecture {self.architecture!r}: choose {', '.join(ARCHITECTURES)}")
+        self.nested_widths()
         if self.training_tokens < self.batch_size:
             raise InterpError(f"training tokens ({self.training_tokens}) must be at least one batch ({self.batch_size})")
+
+    def nested_widths(self) -> list[int]:
+        """``widths`` as integers (a one-line error for anything else)."""
+        try:
+            widths = [int(w) for w in self.widths.split(",") if w.strip()]
+        except ValueError:
+            widths = []
+        if not widths or min(widths) < 1:
+            raise InterpError(f"--widths must be comma-separated positive integers, got {self.widths!r}")
+        return widths

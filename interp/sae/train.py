@@ -30,7 +30,7 @@ def sae_config(cfg: SAETrainConfig, d_in: int) -> Any:
     if cfg.architecture == "jumprelu":
         return sae_lens.JumpReLUTrainingSAEConfig(**shared, l0_coefficient=cfg.l0_coefficient)
     if cfg.architecture == "matryoshka":  # nested dictionaries: early features stay general (less splitting)
-        widths = sorted({*(int(w) for w in cfg.widths.split(",") if w.strip()), shared["d_sae"]})
+        widths = sorted({*(w for w in cfg.nested_widths() if w < shared["d_sae"]), shared["d_sae"]})
         return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(**shared, k=cfg.k, matryoshka_widths=widths)
     kind = sae_lens.TopKTrainingSAEConfig if cfg.architecture == "topk" else sae_lens.BatchTopKTrainingSAEConfig
     return kind(**shared, k=cfg.k)
