@@ -4,9 +4,9 @@
 any store as a lazy labelled ``xarray.DataTree``; see ``interp.store.layout`` for the layout.
 """
 
-from interp.store.layout import LAYOUT, Field, remove
+from interp.store.layout import LAYOUT, Field
 from interp.store.reader import dataset_of, join_stores, open_store, span_mask
 from interp.store.samples import SampleIndex
 from interp.store.writer import StoreWriter
 
-__all__ = ["LAYOUT", "Field", "SampleIndex", "StoreWriter", "dataset_of", "join_stores", "open_store", "remove", "span_mask"]
+__all__ = ["LAYOUT", "Field", "SampleIndex", "StoreWriter", "dataset_of", "join_stores", "open_store", "span_mask"]
