@@ -162,8 +162,11 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
            f"{result['reports']['model_answers']['micro']['f1']:.3f}")
 
     shown = _shown_features(result["ground_truth"], test_codes, n_features)
-    effects = {j: _ablation(adapter, sae, split["test"], test_items[:downstream_samples or 50], data.image, j)
+    asked = test_items[:downstream_samples or 50]
+    clean = _answer_logp(adapter, cfg.site, asked, data.image)
+    effects = {j: _interventions(adapter, sae, split["test"], asked, data.image, j, float(test_codes[:, :, j].max()), clean)
                for j in shown}
+    result["effects"] = {str(j): e for j, e in effects.items()}
     views = []
     for j in shown:
         top = np.argsort(-test_codes[:, :, j].max(1))[:6]
@@ -239,33 +242,46 @@ def _model_answers(adapter: Any, data: Any, images: list[int]) -> list[dict[str,
 
 
 @torch.no_grad()
-def _ablation(adapter: Any, sae: Any, source: StoreActivations, items: list, image: Any, feature: int) -> dict:
-    """Ablating one feature (its decoder direction times its activation removed at the site): the change in
-    answer accuracy and mean log p(answer) on held-out questions."""
+def _answer_logp(adapter: Any, site: str, items: list, image: Any, edit: Any = None) -> torch.Tensor:
+    """[questions, vocab] log-probabilities at the answer, with ``edit`` (if any) applied at ``site``."""
+    lp = []
+    for b in range(0, len(items), 16):
+        chunk = items[b:b + 16]
+        batch = adapter.encode([image(it.image) for it in chunk], [it.prompt for it in chunk])
+        out, _ = adapter.run(batch, edit={site: edit} if edit else None)
+        lp.append(torch.log_softmax(adapter.readout(out, batch).double(), -1))
+    return torch.cat(lp)
+
+
+@torch.no_grad()
+def _interventions(adapter: Any, sae: Any, source: StoreActivations, items: list, image: Any, feature: int,
+                   peak: float, clean: torch.Tensor) -> dict:
+    """One feature ablated (its decoder direction times its activation removed at every patch) and steered (its
+    direction times its peak activation added at every patch): the change in answer accuracy and mean log
+    p(answer) on held-out questions, against their ``clean`` log-probabilities."""
     positions = torch.as_tensor(source.positions)
     direction = sae.W_dec[feature].float()
-    targets = adapter.tokenizer.convert_tokens_to_ids([it.answer for it in items])
+    targets = torch.as_tensor(adapter.tokenizer.convert_tokens_to_ids([it.answer for it in items]))
 
-    def edit(x: torch.Tensor) -> torch.Tensor:
+    def ablate(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         code = sae.encode(x[:, positions].to(sae.dtype))[..., feature].float()
         x[:, positions] = x[:, positions] - (code[..., None] * direction).to(x.dtype)
         return x
 
-    acc, logp = {}, {}
-    for name, e in (("clean", None), ("ablated", edit)):
-        lp = []
-        for b in range(0, len(items), 16):
-            chunk = items[b:b + 16]
-            batch = adapter.encode([image(it.image) for it in chunk], [it.prompt for it in chunk])
-            out, _ = adapter.run(batch, edit={source.site: e} if e else None)
-            lp.append(torch.log_softmax(adapter.readout(out, batch).double(), -1))
-        v = torch.cat(lp)
-        t = torch.as_tensor(targets)
-        acc[name] = float((v.argmax(-1) == t).double().mean())
-        logp[name] = float(v[torch.arange(len(items)), t].mean())
-    return {"accuracy change": acc["ablated"] - acc["clean"], "log p(answer) change": logp["ablated"] - logp["clean"],
-            "questions": len(items)}
+    def steer(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, positions] = x[:, positions] + (peak * direction).to(x.dtype)
+        return x
+
+    rows = torch.arange(len(items))
+    out: dict[str, float | int] = {"questions": len(items)}
+    for name, edit in (("ablated", ablate), (f"steered (+{peak:.2f} x direction)", steer)):
+        v = _answer_logp(adapter, source.site, items, image, edit)
+        out[f"{name}: accuracy change"] = float((v.argmax(-1) == targets).double().mean()
+                                                - (clean.argmax(-1) == targets).double().mean())
+        out[f"{name}: log p(answer) change"] = float((v[rows, targets] - clean[rows, targets]).mean())
+    return out
 
 
 def _write_features(path: Path, tree: xr.DataTree, rows: np.ndarray, codes: np.ndarray, cfg: SAETrainConfig,
