@@ -69,3 +69,14 @@ def tiny_images():
         np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64),
         rng.random((96, 96), dtype=np.float32),
     ]
+
+
+@pytest.fixture(scope="session")
+def acts_store(tmp_path_factory) -> str:
+    """A results store of the shipped organism on 24 training phantoms: vision, projector and LM sites."""
+    from interp.cache.__main__ import main
+
+    path = str(tmp_path_factory.mktemp("acts") / "store.zarr")
+    assert main(["--data", "phantom-train:24", "--sites", "vision.blocks.*.resid_post,projector.out,lm.blocks.*.resid_post",
+                 "--out", path, "--chunk-samples", "8"]) == 0
+    return path

@@ -13,13 +13,8 @@ LM, VIS, PROJ = "lm.blocks.1.resid_post", "vision.blocks.0.resid_post", "project
 
 
 @pytest.fixture(scope="module")
-def ex(tmp_path_factory) -> Explorer:
-    from interp.cache.__main__ import main
-
-    path = tmp_path_factory.mktemp("explore") / "store"
-    main(["--data", "phantom-train:24", "--sites", "vision.blocks.*.resid_post,projector.out,lm.blocks.*.resid_post",
-          "--out", str(path), "--chunk-samples", "8"])
-    return Explorer(str(path))
+def ex(acts_store: str) -> Explorer:
+    return Explorer(acts_store)
 
 
 def arrays(ex: Explorer, site: str) -> tuple[np.ndarray, np.ndarray]:

@@ -21,13 +21,8 @@ LM, VIS, PROJ = "lm.blocks.1.resid_post", "vision.blocks.0.resid_post", "project
 
 
 @pytest.fixture(scope="module")
-def ex(tmp_path_factory) -> Explorer:
-    from interp.cache.__main__ import main
-
-    path = tmp_path_factory.mktemp("explore_app") / "store"
-    main(["--data", "phantom-train:12", "--sites", "vision.blocks.*.resid_post,projector.out,lm.blocks.*.resid_post",
-          "--out", str(path), "--chunk-samples", "4"])
-    return Explorer(str(path))
+def ex(acts_store: str) -> Explorer:
+    return Explorer(acts_store)
 
 
 def np_grid(ex: Explorer, site: str, row: int) -> np.ndarray:
