@@ -25,7 +25,7 @@ from interp.errors import InterpError
 from interp.sae.config import SAETrainConfig
 from interp.sae.data import StoreActivations
 from interp.sae.groundtruth import best_features, feature_concept_auroc, mask_to_grid, score_features
-from interp.sae.metrics import downstream, reconstruction, token_mean
+from interp.sae.metrics import answer_logp, downstream, reconstruction, token_mean
 from interp.store import Field, SampleIndex, StoreWriter, dataset_of, open_store
 
 FEATURE_BATCH = 4096
@@ -163,7 +163,7 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
 
     shown = _shown_features(result["ground_truth"], test_codes, n_features)
     asked = test_items[:downstream_samples or 50]
-    clean = _answer_logp(adapter, cfg.site, asked, data.image)
+    clean = answer_logp(adapter, cfg.site, asked, data.image, {"clean": None})["clean"]
     effects = {j: _interventions(adapter, sae, split["test"], asked, data.image, j, float(test_codes[:, :, j].max()), clean)
                for j in shown}
     result["effects"] = {str(j): e for j, e in effects.items()}
@@ -242,18 +242,6 @@ def _model_answers(adapter: Any, data: Any, images: list[int]) -> list[dict[str,
 
 
 @torch.no_grad()
-def _answer_logp(adapter: Any, site: str, items: list, image: Any, edit: Any = None) -> torch.Tensor:
-    """[questions, vocab] log-probabilities at the answer, with ``edit`` (if any) applied at ``site``."""
-    lp = []
-    for b in range(0, len(items), 16):
-        chunk = items[b:b + 16]
-        batch = adapter.encode([image(it.image) for it in chunk], [it.prompt for it in chunk])
-        out, _ = adapter.run(batch, edit={site: edit} if edit else None)
-        lp.append(torch.log_softmax(adapter.readout(out, batch).double(), -1))
-    return torch.cat(lp)
-
-
-@torch.no_grad()
 def _interventions(adapter: Any, sae: Any, source: StoreActivations, items: list, image: Any, feature: int,
                    peak: float, clean: torch.Tensor) -> dict:
     """One feature ablated (its decoder direction times its activation removed at every patch) and steered (its
@@ -276,8 +264,8 @@ def _interventions(adapter: Any, sae: Any, source: StoreActivations, items: list
 
     rows = torch.arange(len(items))
     out: dict[str, float | int] = {"questions": len(items)}
-    for name, edit in (("ablated", ablate), (f"steered (+{peak:.2f} x direction)", steer)):
-        v = _answer_logp(adapter, source.site, items, image, edit)
+    edits = {"ablated": ablate, f"steered (+{peak:.2f} x direction)": steer}
+    for name, v in answer_logp(adapter, source.site, items, image, edits).items():
         out[f"{name}: accuracy change"] = float((v.argmax(-1) == targets).double().mean()
                                                 - (clean.argmax(-1) == targets).double().mean())
         out[f"{name}: log p(answer) change"] = float((v[rows, targets] - clean[rows, targets]).mean())

@@ -10,7 +10,7 @@ answer distribution, and the fraction of the answer loss recovered, (CE_zero - C
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,23 @@ def token_mean(source: StoreActivations, batch_size: int = 4096) -> torch.Tensor
 
 
 @torch.no_grad()
+def answer_logp(adapter: Any, site: str, items: list, images: Callable[[int], np.ndarray],
+                edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor] | None],
+                batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per named edit of ``site`` (None: the clean run), [questions, vocab] log-probabilities at the answer;
+    each batch is encoded once for all edits."""
+    logp: dict[str, list[torch.Tensor]] = {k: [] for k in edits}
+    for b in range(0, len(items), batch_size):
+        chunk = items[b:b + batch_size]
+        batch = adapter.encode([images(it.image) for it in chunk], [it.prompt for it in chunk],
+                               [it.spans for it in chunk])
+        for name, edit in edits.items():
+            out, _ = adapter.run(batch, edit={site: edit} if edit else None)
+            logp[name].append(torch.log_softmax(adapter.readout(out, batch).double(), -1))
+    return {k: torch.cat(v) for k, v in logp.items()}
+
+
+@torch.no_grad()
 def downstream(adapter: Any, sae: Any, source: StoreActivations, items: list, images: Callable[[int], np.ndarray],
                mean: torch.Tensor, batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Per variant (clean, sae, zero, mean): answer accuracy, CE of the item's answer token, KL(clean || variant)
@@ -64,8 +81,7 @@ def downstream(adapter: Any, sae: Any, source: StoreActivations, items: list, im
     ``items`` are the held-out samples' VQA items (their ``answer`` tokens are the targets); ``images(i)``
     loads image ``i`` of their data set."""
     positions = torch.as_tensor(source.positions)
-    tok = adapter.tokenizer
-    targets = torch.as_tensor(tok.convert_tokens_to_ids([it.answer for it in items]))
+    targets = torch.as_tensor(adapter.tokenizer.convert_tokens_to_ids([it.answer for it in items]))
 
     def replace(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         def edit(x: torch.Tensor) -> torch.Tensor:
@@ -76,15 +92,7 @@ def downstream(adapter: Any, sae: Any, source: StoreActivations, items: list, im
 
     variants = {"sae": replace(lambda x: sae.decode(sae.encode(x.to(sae.dtype)))),
                 "zero": replace(torch.zeros_like), "mean": replace(lambda x: mean.to(x.dtype).expand_as(x))}
-    logp: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", *variants)}
-    for b in range(0, len(items), batch_size):
-        chunk = items[b:b + batch_size]
-        batch = adapter.encode([images(it.image) for it in chunk], [it.prompt for it in chunk],
-                               [it.spans for it in chunk])
-        for name, edit in (("clean", None), *variants.items()):
-            out, _ = adapter.run(batch, edit={source.site: edit} if edit else None)
-            logp[name].append(torch.log_softmax(adapter.readout(out, batch).double(), -1))
-    lp = {k: torch.cat(v) for k, v in logp.items()}
+    lp = answer_logp(adapter, source.site, items, images, {"clean": None, **variants}, batch_size)
     rows = torch.arange(len(items))
     result = {}
     for name, v in lp.items():
