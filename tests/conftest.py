@@ -80,3 +80,11 @@ def acts_store(tmp_path_factory) -> str:
     assert main(["--data", "phantom-train:24", "--sites", "vision.blocks.*.resid_post,projector.out,lm.blocks.*.resid_post",
                  "--out", path, "--chunk-samples", "8"]) == 0
     return path
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """The shipped LVLM organism, loaded once."""
+    from interp.models.registry import load
+
+    return load("organism")

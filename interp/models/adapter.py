@@ -234,7 +234,8 @@ class Adapter(Protocol):
     def embed_site(self, tower: str) -> str: ...
 
     def encode(
-        self, images: Sequence[np.ndarray], texts: Sequence[str], spans: Sequence[Mapping[str, tuple[int, int]]] | None = None
+        self, images: Sequence[np.ndarray], texts: Sequence[str], spans: Sequence[Mapping[str, tuple[int, int]]] | None = None,
+        responses: Sequence[str] | None = None,
     ) -> Batch: ...
 
     def run(

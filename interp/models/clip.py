@@ -160,6 +160,7 @@ class ClipAdapter(ImageInputs, HookedAdapter):
         images: Sequence[np.ndarray],
         texts: Sequence[str],
         spans: Sequence[Mapping[str, tuple[int, int]]] | None = None,
+        responses: Sequence[str] | None = None,
     ) -> Batch:
         """One image and one text per row. Texts are tokenized with the tokenizer's own special
         tokens (CLIP: <bos> ... <eos>), right-padded to the longest (SigLIP: to the model's
@@ -168,6 +169,8 @@ class ClipAdapter(ImageInputs, HookedAdapter):
         ``spans`` are character spans into each text; they become named position lists. ``eot``
         (the position the text tower pools) and ``sot`` (a leading special token) are added.
         """
+        if responses is not None:
+            raise InterpError(f"{self.model_id} is a dual encoder: it scores image-text pairs and generates no response")
         if len(images) != len(texts) or not texts:
             raise InterpError(f"need one image per text and at least one: got {len(images)} images, {len(texts)} texts")
         spans = spans or [{} for _ in texts]

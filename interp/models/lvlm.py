@@ -251,11 +251,14 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
         images: Sequence[np.ndarray],
         prompts: Sequence[str],
         spans: Sequence[Mapping[str, tuple[int, int]]] | None = None,
+        responses: Sequence[str] | None = None,
     ) -> Batch:
         """One image and one prompt per row, through the processor and chat template; right-padded.
 
         ``spans`` are character spans into each prompt; they become named position lists, with
-        ``image`` added for the LM's image tokens.
+        ``image`` added for the LM's image tokens. ``responses`` (teacher forcing) are appended after
+        each templated prompt (a space between them where neither has one); their tokens form the
+        ``response`` span.
         """
         if len(images) != len(prompts) or not prompts:
             raise InterpError(f"need one image per prompt and at least one: got {len(images)} images, {len(prompts)} prompts")
@@ -264,6 +267,11 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
             raise InterpError(f"need one span dict per prompt: got {len(spans)} for {len(prompts)} prompts")
         arrays, kws = self._images(images)
         texts = [self.template(p) for p in prompts]
+        if responses is not None:
+            if len(responses) != len(prompts):
+                raise InterpError(f"need one response per prompt: got {len(responses)} for {len(prompts)} prompts")
+            texts = [t + (" " if r and not r[0].isspace() and not t[-1:].isspace() else "") + r
+                     for t, r in zip(texts, responses)]
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "right"
         try:  # one call per run of rows sharing processor arguments, so a row does not depend on its batch
@@ -298,6 +306,8 @@ class ProcessorAdapter(ImageInputs, HookedAdapter):
                 if box is None:
                     p.kinds[j] = "query"
             p.spans = {"image": at, **prompt_spans(tok, ids, prompt, sp)}
+            if responses is not None and responses[i].strip():
+                p.spans["response"] = response_span(tok, ids, sum(mask), responses[i], self.model_id)
         return batch
 
     def ragged(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -311,6 +321,18 @@ def block_site_shape(point: str, n: int, cfg) -> tuple[int, ...]:
     if point == "logits":
         return (n, cfg.vocab_size)
     return (cfg.num_attention_heads, n, n) if point == "attn.pattern" else (n, cfg.hidden_size)
+
+
+def response_span(tok, ids: list[int], length: int, response: str, model_id: str) -> list[int]:
+    """Positions of ``response``'s tokens: the last ones of the row's ``length`` real tokens."""
+    own = tok(response.strip(), add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and tok.unk_token_id in own:
+        raise InterpError(f"{model_id}: the response {response[:40]!r} has tokens its tokenizer does not know")
+    at = list(range(length - len(own), length))
+    if not own or ids[at[0]:length] != own:
+        raise InterpError(f"{model_id}: the response {response[:40]!r} does not tokenize the same after the prompt "
+                          "(a token merged across the boundary)")
+    return at
 
 
 def prompt_spans(tok, ids: list[int], prompt: str, spans: Mapping[str, tuple[int, int]]) -> dict[str, list[int]]:

@@ -163,10 +163,11 @@ class Qwen25VLAdapter(ProcessorAdapter):
         images: Sequence[np.ndarray],
         prompts: Sequence[str],
         spans: Sequence[Mapping[str, tuple[int, int]]] | None = None,
+        responses: Sequence[str] | None = None,
     ) -> Batch:
         """As :meth:`ProcessorAdapter.encode`, plus the M-RoPE ``position_ids`` [3, rows, seq] the model
         would compute itself (``get_rope_index``), so runs with ``inputs_embeds`` keep them."""
-        batch = super().encode(images, prompts, spans)
+        batch = super().encode(images, prompts, spans, responses)
         inputs = batch.inputs
         n_images = 0 if inputs.get("image_grid_thw") is None else len(inputs["image_grid_thw"])
         if n_images != len(batch):
