@@ -1,4 +1,5 @@
-"""Shared fixtures: a seeded random-init tiny LLaVA organism, in memory and saved as a checkpoint.
+"""Shared fixtures: a seeded random-init tiny LLaVA organism, in memory and saved as a checkpoint;
+the real annotation files shipped in the torchxrayvision wheel.
 
 The tokenizer uses a fixed word list (not ``interp.data.vqa.vocabulary()``) so model fixtures do
 not depend on the data layer's vocabulary changing.
@@ -6,9 +7,17 @@ not depend on the data layer's vocabulary changing.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+TXV_VERSION = "1.5.7"
 
 TINY_WORDS = (
     "is there a pleural effusion pneumothorax nodule on the left right lung ? yes no answer : "
@@ -80,6 +89,30 @@ def acts_store(tmp_path_factory) -> str:
     assert main(["--data", "phantom-train:24", "--sites", "vision.blocks.*.resid_post,projector.out,lm.blocks.*.resid_post",
                  "--out", path, "--chunk-samples", "8"]) == 0
     return path
+
+
+@pytest.fixture(scope="session")
+def txv_data() -> Path:
+    """The ``torchxrayvision/data`` folder of the torchxrayvision wheel (real annotation files, no images),
+    fetched once into ~/.cache/interp-test; skips when the wheel cannot be fetched. Never installed (it pulls
+    torchvision); the files' licenses vary, so they stay out of the repository."""
+    root = Path.home() / ".cache" / "interp-test" / f"torchxrayvision-{TXV_VERSION}"
+    data = root / "torchxrayvision" / "data"
+    if data.is_dir():
+        return data
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "1", "--timeout", "20",
+               f"torchxrayvision=={TXV_VERSION}", "-d", tmp]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        except (subprocess.SubprocessError, OSError) as e:
+            pytest.skip(f"cannot fetch the torchxrayvision wheel: {e}")
+        wheel = next(Path(tmp).glob("torchxrayvision-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(tmp, [n for n in z.namelist() if n.startswith("torchxrayvision/data/")])
+        (Path(tmp) / "torchxrayvision" / "data").rename(data)
+    return data
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,8 @@ the labeller against IU-Xray's MeSH terms (skipped when the torchxrayvision whee
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +23,6 @@ from interp.sae.describe import (
     label_agreement,
     score_reports,
 )
-
-TXV_VERSION = "1.5.7"
 
 
 def _specs(n: int, seed: int = 0) -> list:
@@ -262,32 +257,19 @@ def test_label_agreement_on_hand_made_reports(tmp_path):
         label_agreement(reports, findings=["pleural_thickening"])
 
 
-def _iu_xray() -> Path:
-    """IU-Xray XML reports from the torchxrayvision wheel, fetched once into ~/.cache/interp-test."""
-    root = Path.home() / ".cache" / "interp-test" / f"torchxrayvision-{TXV_VERSION}"
-    reports = root / "ecgen-radiology"
-    if reports.is_dir():
-        return reports
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "1", "--timeout", "20",
-               f"torchxrayvision=={TXV_VERSION}", "-d", tmp]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-        except (subprocess.SubprocessError, OSError) as e:
-            pytest.skip(f"cannot fetch the torchxrayvision wheel: {e}")
-        wheel = next(Path(tmp).glob("torchxrayvision-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            z.extract("torchxrayvision/data/NLMCXR_reports.tgz", tmp)
-        staged = Path(tmp) / "reports"
-        with tarfile.open(Path(tmp) / "torchxrayvision/data/NLMCXR_reports.tgz") as t:
-            t.extractall(staged, filter="data")
-        root.mkdir(parents=True, exist_ok=True)
-        (staged / "ecgen-radiology").rename(reports)
+def _iu_xray(txv_data: Path) -> Path:
+    """IU-Xray XML reports from the wheel's ``NLMCXR_reports.tgz``, extracted once beside its data folder."""
+    reports = txv_data.parents[1] / "ecgen-radiology"
+    if not reports.is_dir():
+        with tempfile.TemporaryDirectory(dir=reports.parent) as tmp, \
+                tarfile.open(txv_data / "NLMCXR_reports.tgz") as t:
+            t.extractall(tmp, filter="data")
+            (Path(tmp) / "ecgen-radiology").rename(reports)
     return reports
 
 
-def test_labeller_agrees_with_iu_xray_mesh():
-    reports = load_openi_reports(_iu_xray())
+def test_labeller_agrees_with_iu_xray_mesh(txv_data):
+    reports = load_openi_reports(_iu_xray(txv_data))
     r = label_agreement(reports)
     print(f"\nIU-Xray labeller vs MeSH: n={r['n']} reports; MeSH-normal n={r['normal']['n']}, "
           f"no finding affirmed {r['normal']['no_affirmed']:.3f}")
