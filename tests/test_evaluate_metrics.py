@@ -108,11 +108,11 @@ def test_box_scores_edge_cases():
 # masks
 
 
-def test_pointing_game_takes_the_maximal_set_and_a_tolerance():
+def test_pointing_game_points_at_the_centre_of_the_maximum_with_a_tolerance():
     m = np.zeros((5, 5))
-    m[0:2, 0:2] = 2.0  # a token-level maximum: a 2 x 2 block
-    assert pointing_game(m, _mask((5, 5), (1, 1)))  # touches the block's bottom-right pixel, not its top-left
-    assert not pointing_game(m, _mask((5, 5), (3, 3)))
+    m[0:3, 0:3] = 2.0  # a token-level maximum: a 3 x 3 block, pointed at by its centre (1, 1)
+    assert pointing_game(m, _mask((5, 5), (1, 1)))
+    assert not pointing_game(m, _mask((5, 5), (0, 0)))  # in the block, but not its centre
     assert not pointing_game(m, _mask((5, 5), (3, 3)), tolerance=2.8)  # (1, 1) -> (3, 3): 2 * sqrt(2) = 2.83
     assert pointing_game(m, _mask((5, 5), (3, 3)), tolerance=2.9)
     assert not pointing_game(np.ones((5, 5)), _mask((5, 5), (3, 3)))  # a constant map points nowhere

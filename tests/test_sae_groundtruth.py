@@ -120,7 +120,8 @@ def test_mask_features_score_one(phantoms, inside):
         expected = (i, 1.0, 1.0) if r["positives"] else (None, None, None)
         assert (r["feature"], r["auroc"], r["iou"]) == expected, r
     undefined = {r["concept"] for r in rows if not r["positives"]}
-    assert undefined == ({"diaphragm_left", "diaphragm_right", "trachea"} if inside == 0.5 else set())
+    thin = {"diaphragm_left", "diaphragm_right", "trachea", "clavicle_left", "clavicle_right"}
+    assert undefined == (thin if inside == 0.5 else set())
 
 
 def test_random_features_score_half(phantoms):

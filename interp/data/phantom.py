@@ -25,7 +25,7 @@ SIDES = ("left", "right")
 ZONES = ("upper", "middle", "lower")
 SEVERITIES = ("small", "moderate", "large")
 CONFOUNDERS = ("chest_tube",)
-#: the finding a chest tube co-occurs with (see `sample_spec`)
+#: the finding a chest tube co-occurs with by default (see `sample_spec`)
 CONFOUNDED_FINDING = "pleural_effusion"
 CONCEPTS = (
     "body", "lung_left", "lung_right",
@@ -34,6 +34,7 @@ CONCEPTS = (
     "apex_left", "apex_right", "costophrenic_left", "costophrenic_right",
     "heart", "mediastinum", "hilum_left", "hilum_right",
     "diaphragm_left", "diaphragm_right", "trachea", "spine",
+    "clavicle_left", "clavicle_right", "upper_mediastinum",
 )
 #: zone each finding is confined to (None: any zone; cardiomegaly has neither side nor zone)
 FIXED_ZONE = {"pleural_effusion": "lower", "pneumothorax": "upper"}
@@ -169,17 +170,20 @@ def _check_name(name: str) -> None:
 
 
 def sample_spec(
-    rng: np.random.Generator, prevalence: float = 0.5, confounder_rate: float | None = None
+    rng: np.random.Generator, prevalence: float = 0.5, confounder_rate: float | None = None,
+    confounded: str = CONFOUNDED_FINDING,
 ) -> PhantomSpec:
     """Random anatomy; each finding present independently with probability `prevalence`.
 
-    With `confounder_rate` r a chest tube is present in a fraction r of the images with a
-    pleural effusion and 1 - r of those without (r = 0.5: uncorrelated; None: never).
+    With `confounder_rate` r a chest tube is present in a fraction r of the images with the
+    finding `confounded` and 1 - r of those without (r = 0.5: uncorrelated; None: never).
     """
     if not 0.0 <= prevalence <= 1.0:
         raise InterpError(f"prevalence must be in [0, 1], got {prevalence}")
     if confounder_rate is not None and not 0.0 <= confounder_rate <= 1.0:
         raise InterpError(f"confounder_rate must be in [0, 1] or None, got {confounder_rate}")
+    if confounded not in FINDINGS:
+        raise InterpError(f"unknown confounded finding {confounded!r}; valid: {', '.join(FINDINGS)}")
     anatomy = Anatomy.sample(rng)
     findings = []
     for name in FINDINGS:
@@ -194,7 +198,7 @@ def sample_spec(
     spec = PhantomSpec(anatomy, tuple(findings))
     if confounder_rate is None:
         return spec
-    p = confounder_rate if spec.has(CONFOUNDED_FINDING) else 1.0 - confounder_rate
+    p = confounder_rate if spec.has(confounded) else 1.0 - confounder_rate
     return replace(spec, confounders=("chest_tube",) if rng.random() < p else ())
 
 
@@ -355,7 +359,7 @@ def _anatomy_image(g: _Geometry, rng: np.random.Generator) -> tuple[np.ndarray, 
     img += 0.06 * np.exp(-((np.minimum(hila["left"], hila["right"]) / 0.04) ** 2)) * lung
     img = _blur(img, 0.6)
     return img, {"body": body, "heart": heart, "med": med, "spine": spine,
-                 "trachea": trachea, "hila": hila}
+                 "trachea": trachea, "hila": hila, "clavicle": clavicle}
 
 
 def _concept_masks(g: _Geometry, shapes: dict, heart: np.ndarray) -> dict[str, np.ndarray]:
@@ -375,11 +379,17 @@ def _concept_masks(g: _Geometry, shapes: dict, heart: np.ndarray) -> dict[str, n
         near_dome = np.abs(v - g.dome(s, u)) < 0.02
         out[f"diaphragm_{s}"] = near_dome & (np.abs(u - g.cx(s)) < g.a.lung_width) & body
         out[f"hilum_{s}"] = shapes["hila"][s] < 0.05
+        # the drawn clavicle (mirrored about the midline), on this side of it
+        out[f"clavicle_{s}"] = (shapes["clavicle"] > 0.5) & ((u - 0.5) * g.sgn[s] > 0) & body
     out["body"] = body
     out["heart"] = heart_m
     out["mediastinum"] = med_m
     out["trachea"] = (shapes["trachea"] > 0.5) & body
     out["spine"] = (shapes["spine"] > 0.5) & body
+    # upper mediastinum: the mediastinum strip above the top of the heart (its highest pixel,
+    # enlarged by cardiomegaly if present); it holds the intrathoracic trachea, which the
+    # mediastinum mask already includes
+    out["upper_mediastinum"] = med_m & (v < v[heart_m].min())
     return {c: out[c] for c in CONCEPTS}
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from interp.data.phantom import (
+    CONFOUNDED_FINDING,
     FINDINGS,
     SEVERITIES,
     SIDES,
@@ -152,6 +153,12 @@ def items_for(image: int, split: str, spec: PhantomSpec, kinds: Iterable[str], m
             if _applicable(kind, name, f):
                 out.extend(_item(image, split, kind, name, mode, f) for mode in modes)
     return out
+
+
+def question(kind: str, finding: str, mode: str = "direct") -> VQAItem:
+    """The prompt (and spans) asking ``kind`` about ``finding``, for any image (no answer)."""
+    _check("kinds", [kind], ALL_KINDS), _check("findings", [finding], FINDINGS), _check("modes", [mode], MODES)
+    return replace(_item(0, "any", kind, finding, mode, None), id=f"{kind}-{finding}-{mode}", image=-1, answer="", target="")
 
 
 def split_target(text: str) -> str:
@@ -293,19 +300,23 @@ def build_vqa(
     image_size: int = 64,
     prevalence: float = 0.5,
     confounder_rate: float | None = None,
+    confounded: str = CONFOUNDED_FINDING,
 ) -> VQADataset:
     """`n_images` random specs for `split`, with every applicable (kind, finding, mode) item.
 
     Splits draw from independent streams (`default_rng([seed, split_index])`), so they
-    never share images.
+    never share images. The chest tube follows finding `confounded` (see `sample_spec`);
+    the config records it only when it is not the default, so older data sets keep their hash.
     """
     if n_images < 1:
         raise InterpError(f"empty data set: n_images must be >= 1, got {n_images}")
     split = _check("split", split, SPLITS)[0]
     kinds, modes = _check("kinds", kinds, ALL_KINDS), _check("modes", modes, MODES)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    specs = [sample_spec(rng, prevalence, confounder_rate) for _ in range(n_images)]
+    specs = [sample_spec(rng, prevalence, confounder_rate, confounded) for _ in range(n_images)]
     items = [it for i, s in enumerate(specs) for it in items_for(i, split, s, kinds, modes)]
     config = {"kinds": list(kinds), "modes": list(modes), "prevalence": prevalence,
               "confounder_rate": confounder_rate}
+    if confounded != CONFOUNDED_FINDING:
+        config["confounded"] = confounded
     return VQADataset(seed, split, image_size, specs, items, config)
