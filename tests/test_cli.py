@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from interp.cache.__main__ import main as cache_main
+from interp.evaluate.__main__ import main as evaluate_main
 from interp.models.tiny import main as tiny_main
 from interp.models.train_cli import main as train_main
 from interp.models.train_clip import main as train_clip_main
@@ -18,7 +19,7 @@ from interp.nast.__main__ import main as nast_main
 from interp.trace.__main__ import main as trace_main
 from interp.trace.__main__ import parse_args
 
-CLIS = ["interp.trace", "interp.cache", "interp.nast", "interp.models.train", "interp.models.train_clip", "interp.report",
+CLIS = ["interp.trace", "interp.evaluate", "interp.cache", "interp.nast", "interp.models.train", "interp.models.train_clip", "interp.report",
         "interp.models.tiny"]
 WEIGHTS = Path(__file__).parents[1] / "interp" / "models" / "weights"
 CLIP_DIR, LVLM_DIR = WEIGHTS / "clip", WEIGHTS / "lvlm"
@@ -159,6 +160,9 @@ def test_cuda_without_cuda(capsys, monkeypatch):
     (tiny_main, ["--family", "llava", "--out", "x", "--seed", "-1"], "--seed: must be an integer >= 0"),
     (tiny_main, ["--out", "x"], "the following arguments are required: --family"),
     (trace_main, ["--bogus"], "unrecognized arguments: --bogus"),
+    (evaluate_main, ["--methods", "saliency,magic"], "unknown attribution method 'magic'"),
+    (evaluate_main, ["--modes", "direct,chatty"], "--modes: choose direct and/or cot"),
+    (evaluate_main, ["--confounder-rate", "1.5"], "--confounder-rate: must be a number in [0, 1]"),
 ])
 def test_bad_numbers_and_usage(main, argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -77,3 +77,11 @@ def test_experiment_end_to_end(organism, tmp_path):
     out = E.write(result, tmp_path / "medfocus")
     assert json.loads((out / "results.json").read_text())["verified"] == result["verified"]
     assert "| organism | lesion | direct | occlusion |" in (out / "table.md").read_text()
+    from interp.report.attribution import write_evaluation_report
+
+    img = np.zeros((64, 64))
+    ex = [{"title": f"<script>alert({i})</script>", "image": img, "region": img > 0, "maps": {"occlusion": img + i}}
+          for i in range(2)]
+    page = write_evaluation_report(result, ex, out / "report.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(0)" in page
+    assert page.count("Plotly.newPlot") == 2 and page.count("plotly.js v") == 1  # plotly.js embedded once

@@ -31,6 +31,7 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "medfocus_refined": ("medfocus", "MedFocus", {"refine": True}),
     "medfocus_sharp": ("medfocus", "MedFocus", {"refine": True, "reg": 0.005}),
     "medfocus_reference": ("medfocus", "MedFocus", {"refine": True, "fill": "reference"}),
+    "medfocus_specific": ("medfocus", "MedFocus", {"refine": True, "fill": "reference", "specific": 0.9}),
     "medfocus_patch_mean": ("medfocus", "MedFocus", {"intervention": "patch", "values": "mean"}),
     "medfocus_patch_counterfactual": ("medfocus", "MedFocus", {"intervention": "patch", "values": "counterfactual"}),
     "medfocus_patch_noise": ("medfocus", "MedFocus", {"intervention": "patch", "values": "noise"}),

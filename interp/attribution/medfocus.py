@@ -14,6 +14,8 @@ union, or a whole lung, no longer ties everywhere). ``reg`` replaces the publish
 regularisation of the plan; ``fill="reference"`` occludes with the chosen normal reference's pixels
 instead of black (black is what air looks like: it hides no pneumothorax). At 0.05 the plan blurs the reference masks over ~0.14 image widths, and
 on phantoms a smaller one localises concepts better (measured in ``tests/test_medfocus_localise.py``).
+``specific`` = s picks the smallest concept region whose delta is at least s x the largest (occluding
+a bilateral union, or any region wide enough, saturates the delta: the largest then wins by chance).
 
 Beyond the paper: the intervention as a *concept-level activation patch* through the adapter - the
 image tokens the region covers (at least half of their box) at a ``vision.*`` or ``projector.out``
@@ -68,6 +70,7 @@ class MedFocus(Method):
                  site: str = "projector.out", values: Literal["mean", "noise", "counterfactual"] = "mean",
                  shape: Literal["mask", "box"] = "mask", keep: float = KEEP, concepts: tuple[str, ...] | None = None,
                  refine: bool = False, reg: float | None = None, fill: Literal["black", "reference"] = "black",
+                 specific: float | None = None,
                  cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(adapter)
         if intervention not in ("occlude", "patch"):
@@ -88,7 +91,7 @@ class MedFocus(Method):
         self.intervention, self.site, self.values, self.shape, self.keep = intervention, site, values, shape, keep
         if fill not in ("black", "reference"):
             raise InterpError(f"medfocus: unknown occlusion fill {fill!r}: choose black or reference")
-        self.cache_dir, self.seed, self.refine, self.reg, self.fill = cache_dir, seed, refine, reg, fill
+        self.cache_dir, self.seed, self.refine, self.reg, self.fill, self.specific = cache_dir, seed, refine, reg, fill, specific
         if intervention == "patch":
             self.name = f"medfocus_patch_{values}"
         if refine:
@@ -97,6 +100,8 @@ class MedFocus(Method):
             self.name += f"_eps{reg:g}"
         if fill != "black" and intervention == "occlude":
             self.name += f"_{fill}"
+        if specific is not None:
+            self.name += "_specific"
 
     def regions(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
         """Concept regions on ``image`` (UOT from the best atlas reference) and that reference's index."""
@@ -196,8 +201,11 @@ class MedFocus(Method):
         self._reference = ref
         per_token = self.deltas(scorer, masks, ref)
         delta = per_token.sum(-1)
-        best = int(delta.argmax())
         names = list(masks)
+        best = int(delta.argmax())
+        if self.specific is not None:  # the smallest region doing at least `specific` of the best's effect
+            enough = [i for i in range(len(names)) if delta[i] >= self.specific * delta[best]]
+            best = min(enough, key=lambda i: masks[names[i]].sum())
         whole = float(torch.exp(-delta[best])) >= self.keep
         stack = np.stack([masks[c] for c in names]).astype(np.float64)
         count = stack.sum(0)

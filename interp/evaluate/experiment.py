@@ -120,7 +120,7 @@ def summarise(rows: list[dict], n_boot: int = 1000) -> list[dict]:
 
 def run(organisms: dict[str, Any], methods: list[str], *, n_images: int = 160, seed: int = 2024, modes: Iterable[str] = MODES,
         per_finding: int = 6, confounder_rate: float | None = None, confounded: str | None = None,
-        progress: bool = True, examples: Callable[[Case, Attribution], None] | None = None) -> dict:
+        progress: bool = True, examples: Callable[[str, Case, Attribution], None] | None = None) -> dict:
     """Verify candidates and score every method on the kept (lesion and shortcut) cases, per organism."""
     rows, verified, timing = [], {}, {}
     for org, adapter in organisms.items():
@@ -140,7 +140,7 @@ def run(organisms: dict[str, Any], methods: list[str], *, n_images: int = 160, s
                 rows.append({"organism": org, "method": m.name, "id": c.id, "finding": c.finding, "mode": c.mode,
                              "kind": c.kind, **score_map(a, c, scorer)})
                 if examples:
-                    examples(c, a)
+                    examples(org, c, a)
             timing.setdefault(org, {})[m.name] = (time.perf_counter() - t0) / max(1, len(kept))
     return {"rows": rows, "summary": summarise(rows), "verified": verified, "seconds_per_sample": timing,
             "config": {"n_images": n_images, "seed": seed, "modes": list(modes), "per_finding": per_finding,
