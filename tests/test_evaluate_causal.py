@@ -28,8 +28,8 @@ def test_phantom_edits_are_exact(phantom):
     assert changed.any() and not changed[~phantom.finding_masks["nodule"]].any()  # only the finding's pixels move
     for k in ("background_no_finding", "background_normal"):
         assert (edits[k][region] == phantom.image[region]).all() and (edits[k][~region] != phantom.image[~region]).mean() > 0.5
-    tube = edits[cf.CONFOUNDER_EDIT] != phantom.image
-    assert tube.any() and not tube[~phantom.confounder_masks["chest_tube"]].any()
+    both = edits[cf.CONFOUNDER_EDIT] != edits["finding_removed"]  # the tube's pixels, and only them, differ
+    assert both.any() and not both[~phantom.confounder_masks["chest_tube"]].any()
     with pytest.raises(InterpError, match="no pneumothorax"):
         cf.phantom_edits(phantom, "pneumothorax", 11, 64)
 
@@ -43,7 +43,7 @@ def test_judge_classifies_samples(phantom):
         return lambda img: table[ids[id(img)]]
 
     lesion = {"original": "yes", "finding_removed": "no", "background_no_finding": "yes", "background_normal": "yes",
-              cf.CONFOUNDER_EDIT: "yes"}
+              cf.CONFOUNDER_EDIT: "no"}
     v = cf.judge(answers(lesion), phantom.image, edits, finding, tube)
     assert v.kept and v.kind == "lesion" and v.region is finding
     shortcut = {**lesion, "finding_removed": "yes", cf.CONFOUNDER_EDIT: "no"}
@@ -85,3 +85,16 @@ def test_experiment_end_to_end(organism, tmp_path):
     page = write_evaluation_report(result, ex, out / "report.html").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert(0)" in page
     assert page.count("Plotly.newPlot") == 2 and page.count("plotly.js v") == 1  # plotly.js embedded once
+
+
+def test_a_real_lvlm_is_asked_the_published_question(tiny_model_dir, tmp_path, capsys):
+    """Any checkpoint runs through the same command, asked the published question (a random model answers
+    nonsense, so every candidate is rejected and the table is empty - but nothing breaks)."""
+    from interp.evaluate.__main__ import main
+
+    assert main(["--organisms", str(tiny_model_dir), "--methods", "saliency", "--modes", "direct", "--n-images", "8",
+                 "--per-finding", "1", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["verified"][str(tiny_model_dir)]["candidates"] >= 1 and result["rows"] == []
+    sample = E.asked(E.build_vqa(4, 0, "test", kinds=["presence"], modes=["cot"]).items[0], E.QUESTION)
+    assert sample.prompt.startswith("Is there evidence of ") and sample.prompt.endswith("then answer yes or no.")

@@ -28,12 +28,15 @@ def parser() -> Parser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated attribution methods "
                    "(default: the published baselines, the extra gradient methods, the layer sweep and MedFocus variants)")
     p.add_argument("--modes", default="direct,cot", help="output modes: direct, cot (step-by-step) (default: %(default)s)")
-    p.add_argument("--n-images", type=positive_int, default=240, help="test phantoms drawn (default: %(default)s)")
-    p.add_argument("--per-finding", type=positive_int, default=6, help="candidates per finding and mode (default: %(default)s)")
+    p.add_argument("--n-images", type=positive_int, default=300, help="test phantoms drawn (default: %(default)s)")
+    p.add_argument("--per-finding", type=positive_int, default=8, help="candidates per finding and mode (default: %(default)s)")
     p.add_argument("--seed", type=int, default=2024, help="test-phantom seed (default: %(default)s)")
     p.add_argument("--confounder-rate", type=fraction, default=0.9,
                    help="chest tube with this share of the confounded finding's images, 1 - it of the others (default: %(default)s)")
     p.add_argument("--confounded", default="pneumothorax", help="the finding the chest tube follows (default: %(default)s)")
+    p.add_argument("--question", default=None, help="ask models other than the organisms this way ({finding} is "
+                   "filled in; a yes/no suffix per mode is added), e.g. 'Is there evidence of {finding} in the image?' "
+                   "(default: the published question for them, the phantom VQA prompt for organisms)")
     p.add_argument("--examples", type=int, default=6, help="example overlays per organism in the HTML (default: %(default)s)")
     p.add_argument("--device", type=torch_device, default="cpu")
     p.add_argument("--out", type=out_dir, default="reports/medfocus", help="output folder (default: %(default)s)")
@@ -47,7 +50,7 @@ def evaluate(args: argparse.Namespace) -> None:
     from interp.attribution import METHODS
     from interp.errors import InterpError
     from interp.evaluate import experiment as E
-    from interp.models.registry import load
+    from interp.models.registry import ALIASES, load
     from interp.report.attribution import write_evaluation_report
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -69,7 +72,8 @@ def evaluate(args: argparse.Namespace) -> None:
                                        "image": case.sample.image, "region": case.region, "maps": {}})
         entry["maps"][a.method] = a.map
 
-    result = E.run(organisms, methods, n_images=args.n_images, seed=args.seed, modes=modes, per_finding=args.per_finding,
+    questions = {o: None if o in ALIASES else (args.question or E.QUESTION) for o in organisms}
+    result = E.run(organisms, methods, questions=questions, n_images=args.n_images, seed=args.seed, modes=modes, per_finding=args.per_finding,
                    confounder_rate=args.confounder_rate, confounded=args.confounded, progress=not args.no_progress,
                    examples=keep)
     out = E.write(result, args.out)

@@ -7,9 +7,9 @@ no abnormality. A sample is kept when the model answers yes on the original, no 
 and yes on both background edits. Phantoms give every edit exactly (re-rendering the same spec without
 the finding leaves pixels outside its mask unchanged; background edits are re-rendered with another
 texture seed and pasted around the untouched region). With a confounder (chest tube) one more edit
-removes it, which separates *lesion-causal* samples (the filter passes) from *shortcut-causal* ones
-(the finding edit keeps "yes" but removing the confounder flips the answer: the evidence the model
-used is the confounder). Real images take a folder of edited images from the user's own generative
+removes both the finding and the confounder, which separates *lesion-causal* samples (the filter
+passes) from *shortcut-causal* ones (the finding edit keeps "yes", removing the confounder too flips it
+to "no": the evidence the model answers from is the confounder). Real images take a folder of edited images from the user's own generative
 editor (:func:`folder_edits`) or the documented crude edit :func:`blur_edits`.
 """
 
@@ -26,7 +26,7 @@ from interp.data.phantom import CONFOUNDERS, Phantom, PhantomSpec, render
 from interp.errors import InterpError
 
 EDITS = ("finding_removed", "background_no_finding", "background_normal")
-CONFOUNDER_EDIT = "confounder_removed"
+CONFOUNDER_EDIT = "finding_and_confounder_removed"
 #: what the model must answer on the original and each edit for a sample to be kept
 EXPECTED = {"original": "yes", "finding_removed": "no", "background_no_finding": "yes", "background_normal": "yes"}
 BACKGROUND_SEED = 7919  # added to the image's seed for the re-rendered background
@@ -53,7 +53,7 @@ def region_of(mask: np.ndarray, dilate: int = DILATE) -> np.ndarray:
 
 
 def phantom_edits(phantom: Phantom, finding: str, seed: int, size: int) -> dict[str, np.ndarray]:
-    """The three published edits (plus the confounder's removal when one is drawn) of a rendered phantom."""
+    """The three published edits (plus the finding and the confounder removed together, when one is drawn)."""
     spec = phantom.spec
     if finding not in phantom.finding_masks:
         raise InterpError(f"the phantom has no {finding}: nothing to edit")
@@ -66,8 +66,8 @@ def phantom_edits(phantom: Phantom, finding: str, seed: int, size: int) -> dict[
         "background_no_finding": np.where(region, phantom.image, render(without, bg, size).image),
         "background_normal": np.where(region, phantom.image, render(normal, bg, size).image),
     }
-    for c in spec.confounders:
-        edits[CONFOUNDER_EDIT] = render(replace(spec, confounders=tuple(x for x in spec.confounders if x != c)), seed, size).image
+    if spec.confounders:
+        edits[CONFOUNDER_EDIT] = render(replace(without, confounders=()), seed, size).image
     return edits
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from interp.attribution import method
 from interp.attribution.base import Attribution, Sample, Scorer, respond
 from interp.data.phantom import FINDINGS
-from interp.data.vqa import CHAIN_END, MODES, build_vqa
+from interp.data.vqa import CHAIN_END, FINDING_WORDS, MODES, build_vqa
 from interp.evaluate import counterfactual as cf
 from interp.evaluate import metrics as M
 
@@ -50,15 +50,32 @@ class Case:
     truth_concept: str | None = None
 
 
+#: how a real LVLM is asked (the published question; the organism is asked in its own phantom vocabulary)
+QUESTION = "Is there evidence of {finding} in the image?"
+SUFFIX = {"direct": " Answer yes or no.", "cot": " Think step by step, then answer yes or no."}
+
+
 def answer_word(adapter: Any, sample: Sample) -> str:
-    """The model's answer: the response's last word (direct: the response; step-by-step: after ``answer :``)."""
-    text = respond(adapter, sample)
-    return text.split(CHAIN_END)[-1].split()[-1] if text.split() else ""
+    """The model's answer: the last word of its response (direct: the response; step-by-step: after
+    ``answer :``), lower-cased, punctuation stripped."""
+    words = respond(adapter, sample).split(CHAIN_END)[-1].split()
+    return words[-1].strip(".,:;!?\"'").lower() if words else ""
+
+
+def asked(item: Any, question: str | None) -> Sample:
+    """The item's own prompt, or ``question`` (with ``{finding}``) plus the mode's suffix."""
+    if question is None:
+        return Sample(np.empty(0), item.prompt, item.spans, item.id)
+    words = FINDING_WORDS[item.finding]
+    prompt = question.format(finding=words) + SUFFIX[item.mode]
+    at = prompt.index(words)
+    return Sample(np.empty(0), prompt, {"finding": (at, at + len(words))}, item.id)
 
 
 def candidates(n_images: int, seed: int, modes: Iterable[str], per_finding: int, confounder_rate: float | None = None,
-               confounded: str | None = None) -> tuple[Any, list[Case]]:
-    """(data set, cases): up to ``per_finding`` presence questions per finding and mode whose finding is present."""
+               confounded: str | None = None, question: str | None = None) -> tuple[Any, list[Case]]:
+    """(data set, cases): up to ``per_finding`` presence questions per finding and mode whose finding is
+    present; asked as the phantom VQA item, or with ``question`` (e.g. :data:`QUESTION`) for real LVLMs."""
     kw = {"confounded": confounded} if confounded else {}
     ds = build_vqa(n_images, seed, "test", kinds=["presence"], modes=modes, confounder_rate=confounder_rate, **kw)
     taken: dict[tuple[str, str], int] = {}
@@ -70,7 +87,8 @@ def candidates(n_images: int, seed: int, modes: Iterable[str], per_finding: int,
         taken[key] = taken.get(key, 0) + 1
         f = ds.specs[it.image].get(it.finding)
         concept = TRUTH_CONCEPT[it.finding].format(side=f.side) if f else None
-        cases.append(Case(it.id, it.image, it.finding, it.mode, Sample(ds.image(it.image), it.prompt, it.spans, it.id),
+        q = asked(it, question)
+        cases.append(Case(it.id, it.image, it.finding, it.mode, Sample(ds.image(it.image), q.prompt, q.spans, it.id),
                           truth_concept=concept))
     return ds, cases
 
@@ -120,11 +138,12 @@ def summarise(rows: list[dict], n_boot: int = 1000) -> list[dict]:
 
 def run(organisms: dict[str, Any], methods: list[str], *, n_images: int = 160, seed: int = 2024, modes: Iterable[str] = MODES,
         per_finding: int = 6, confounder_rate: float | None = None, confounded: str | None = None,
-        progress: bool = True, examples: Callable[[str, Case, Attribution], None] | None = None) -> dict:
-    """Verify candidates and score every method on the kept (lesion and shortcut) cases, per organism."""
+        questions: dict[str, str | None] | None = None, progress: bool = True, examples: Callable[[str, Case, Attribution], None] | None = None) -> dict:
+    """Verify candidates and score every method on the kept (lesion and shortcut) cases, per organism
+    (``questions[org]``: how to ask that model, default its phantom VQA prompt)."""
     rows, verified, timing = [], {}, {}
     for org, adapter in organisms.items():
-        ds, cases = candidates(n_images, seed, modes, per_finding, confounder_rate, confounded)
+        ds, cases = candidates(n_images, seed, modes, per_finding, confounder_rate, confounded, (questions or {}).get(org))
         for c in tqdm(cases, desc=f"{org}: verify", disable=not progress, leave=False):
             verify(adapter, ds, c)
         verified[org] = {k: sum(c.kind == k for c in cases) for k in ("lesion", "shortcut", "rejected")}
