@@ -28,8 +28,13 @@ FAMILIES = {
     "llava_next": "interp.models.llava_next:LlavaNextAdapter",
 }
 _WEIGHTS = Path(__file__).parent / "weights"
-ALIASES = {"organism": _WEIGHTS / "lvlm", "clip-organism": _WEIGHTS / "clip"}
-TRAIN_HINT = {"organism": "python -m interp.models.train", "clip-organism": "python -m interp.models.train_clip"}
+#: the embedded organisms; ``organism-shortcut`` was trained with a chest tube beside every pneumothorax
+ALIASES = {"organism": _WEIGHTS / "lvlm", "organism-shortcut": _WEIGHTS / "lvlm-shortcut", "clip-organism": _WEIGHTS / "clip"}
+TRAIN_HINT = {"organism": "python -m interp.models.train",
+              "organism-shortcut": "python -m interp.models.train --out interp/models/weights/lvlm-shortcut --seed 1 "
+                                   "--confounder-rate 1.0 --confounded pneumothorax --eval-images 100 "
+                                   "--eval-cot-images 40 --shortcut-table",
+              "clip-organism": "python -m interp.models.train_clip"}
 #: what ``load(kind=...)`` can ask for: an LVLM has an ``lm`` tower, a dual encoder ``text`` and ``vision`` towers
 KINDS = {"lvlm": "an LVLM", "dual": "a CLIP-style dual encoder"}
 #: files fetched from the hub: config, processor, tokenizer, safetensors (never pickles), top level only
@@ -52,7 +57,7 @@ def kind_of(adapter_class) -> str:
 
 def load(id_or_path: str | Path = "organism", *, device: str = "cpu", kind: str | None = None,
          purpose: str | None = None, trust_remote_code: bool = False):
-    """Load a checkpoint (local folder or HF id; ``organism`` / ``clip-organism`` = the embedded ones)
+    """Load a checkpoint (local folder or HF id; an alias of ``ALIASES`` = an embedded one)
     into the adapter its config's ``model_type`` names.
 
     ``kind`` (``lvlm`` / ``dual``) is the kind of model the caller needs, ``purpose`` names the caller

@@ -14,6 +14,8 @@ Recipe (why each part is there: see ``--help`` and the README):
    as the full forward, several times cheaper on CPU).
 
 Deterministic given ``--seed`` and ``--steps`` (``--minutes`` stops on the clock instead).
+``--confounder-rate`` / ``--confounded`` draw the training phantoms with a chest tube that follows a
+finding: the shortcut organism (``organism-shortcut``; measured by ``interp.models.shortcut``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from interp.data.phantom import FINDINGS, SIDES, ZONES
+from interp.data.phantom import CONFOUNDED_FINDING, FINDINGS, SIDES, ZONES, sample_spec
 from interp.data.vqa import ALL_KINDS, MODES, VQADataset, build_vqa, split_target
 from interp.errors import InterpError
 from interp.models.organism import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, PATCH_SIZE, build_organism
@@ -70,6 +72,10 @@ class TrainConfig:
     steps: int = 600  # stage-2 steps
     minutes: float | None = None  # stop stage 2 on the clock instead (not deterministic)
     n_train_images: int = 1500
+    # training data: a chest tube in a fraction confounder_rate of the images with finding `confounded`
+    # and 1 - confounder_rate of those without (None: no tubes; see sample_spec)
+    confounder_rate: float | None = None
+    confounded: str = CONFOUNDED_FINDING
     # stage 1: vision tower + projector + aux head only
     aux_steps: int = 400
     aux_batch: int = 64
@@ -92,6 +98,9 @@ class TrainConfig:
     d_lm: int = 64
     n_lm: int = 3
     threads: int = 1
+
+    def __post_init__(self) -> None:
+        sample_spec(np.random.default_rng(0), 0.5, self.confounder_rate, self.confounded)  # checks both as the data will
 
     def sizes(self) -> dict[str, int]:
         return {"d_vision": self.d_vision, "n_vision": self.n_vision, "d_lm": self.d_lm, "n_lm": self.n_lm}
@@ -214,7 +223,8 @@ class Trainer:
 
     # --- data
     def load_data(self) -> None:
-        ds = build_vqa(self.cfg.n_train_images, self.cfg.seed, "train")
+        cfg = self.cfg
+        ds = build_vqa(cfg.n_train_images, cfg.seed, "train", confounder_rate=cfg.confounder_rate, confounded=cfg.confounded)
         self.pool = render_pool(ds, self.tok, self.progress)
 
     # --- losses
