@@ -19,7 +19,7 @@ from interp.nast.__main__ import main as nast_main
 from interp.trace.__main__ import main as trace_main
 from interp.trace.__main__ import parse_args
 
-CLIS = ["interp.trace", "interp.evaluate", "interp.cache", "interp.nast", "interp.models.train", "interp.models.train_clip", "interp.report",
+CLIS = ["interp.trace", "interp.evaluate", "interp.cache", "interp.attribution", "interp.nast", "interp.models.train", "interp.models.train_clip", "interp.report",
         "interp.models.tiny"]
 WEIGHTS = Path(__file__).parents[1] / "interp" / "models" / "weights"
 CLIP_DIR, LVLM_DIR = WEIGHTS / "clip", WEIGHTS / "lvlm"

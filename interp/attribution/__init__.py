@@ -38,9 +38,15 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+def check_names(names: list[str] | tuple[str, ...]) -> None:
+    """A one-line error naming the first of ``names`` that is not a method."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise InterpError(f"unknown attribution method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+
+
 def method(name: str, adapter: Any, **kwargs: Any) -> Any:
     """The attribution method ``name`` on ``adapter`` (keyword arguments override its defaults)."""
-    if name not in METHODS:
-        raise InterpError(f"unknown attribution method {name!r}; choose from {', '.join(METHODS)}")
+    check_names([name])
     module, cls, defaults = METHODS[name]
     return getattr(importlib.import_module(f"interp.attribution.{module}"), cls)(adapter, **{**defaults, **kwargs})

@@ -47,16 +47,14 @@ def parser() -> Parser:
 def evaluate(args: argparse.Namespace) -> None:
     import torch
 
-    from interp.attribution import METHODS
+    from interp.attribution import check_names
     from interp.errors import InterpError
     from interp.evaluate import experiment as E
     from interp.models.registry import ALIASES, load
     from interp.report.attribution import write_evaluation_report
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InterpError(f"unknown attribution method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    check_names(methods)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"direct", "cot"}:
         raise InterpError(f"--modes: choose direct and/or cot, got {args.modes!r}")

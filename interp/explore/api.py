@@ -1,4 +1,6 @@
-"""Lazy exploration of cached activations (a store's ``acts`` node): select, pool, project, compare.
+"""Lazy exploration of cached activations (a store's ``acts`` node): select, pool, project, compare; and,
+per sample, what other analyses of the same samples hold (attribution maps, ground-truth masks, SAE
+features, layer sweeps), from this store or further stores looked up by sample id.
 
 Every result is an ``xarray`` object backed by dask until computed, so stores larger than RAM work:
 reductions run chunk by chunk along ``sample``; the most ever held at once is ``[n_samples, d]``
@@ -27,15 +29,33 @@ SampleSel = str | int | Sequence[str | int] | None
 
 
 class Explorer:
-    """One store's cached activations, by site name (``lm.blocks.0.resid_post``, ``projector.out``...)."""
+    """One store's cached activations, by site name (``lm.blocks.0.resid_post``, ``projector.out``...).
 
-    def __init__(self, store: str | xr.DataTree) -> None:
+    ``more``: further stores (attributions, a sweep, an SAE's ``features.zarr``...) whose analyses are
+    looked up by sample id; ``sae``: an SAE checkpoint (``interp.sae``) whose features are computed on demand
+    from this store's activations at its site, for samples no ``sae`` group holds."""
+
+    def __init__(self, store: str | xr.DataTree, *more: str | xr.DataTree, sae: str | None = None) -> None:
         self.tree = open_store(store) if isinstance(store, str) else store
         if "acts" not in self.tree.children:
             raise InterpError("store has no cached activations (acts); write them with python -m interp.cache")
         self.acts = self.tree["acts"].to_dataset()
         self.ids = np.asarray(self.tree["sample"].values, dtype=object)
         self._row = {s: i for i, s in enumerate(self.ids)}
+        self.urls = [u if isinstance(u, str) else None for u in (store, *more)]  # None: given as a tree
+        others = [open_store(m) if isinstance(m, str) else m for m in more]
+        self._trees = [(self.tree, self._row)] + [(t, {s: i for i, s in enumerate(t["sample"].values)}) for t in others]
+        self._sizes: np.ndarray | None = None
+        self._grids: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.sae_path, self.sae = sae, None
+        if sae is not None:  # loaded now (sae_lens imports slowly): the first click is then as fast as the next
+            from interp.sae.analysis import load_sae
+
+            self.sae = load_sae(sae)
+            self.sae_site = str(self.sae.cfg.metadata.hook_name)
+            if self.sae_site not in self.sites():
+                raise InterpError(f"the SAE at {sae} reads {self.sae_site}, which this store does not cache; "
+                                  f"sites: {', '.join(self.sites())}")
 
     # selection
 
@@ -85,18 +105,40 @@ class Explorer:
         """L2 norm per position of one sample: [row, col] for grid sites, [position] (valid tokens, with
         ``token_text``) for sequence sites."""
         x = self.get(site, sample=self._one(sample))
-        norms = np.sqrt((x.astype("float64") ** 2).sum(x.dims[-1]))
+        return self.per_position(site, sample, np.sqrt((x.astype("float64") ** 2).sum(x.dims[-1])).rename(f"{site} norm"))
+
+    def per_position(self, site: str, sample: str | int, values: xr.DataArray) -> xr.DataArray:
+        """One sample's values over ``site``'s positions as a [row, col] grid of its image patches (grid
+        sites) or over its valid tokens (sequence sites)."""
         pos = self._pos(site)
         if pos == "position":
-            return norms.isel(position=np.asarray(self.acts["valid"].isel(sample=self._one(sample))))
+            return values.isel(position=np.asarray(self.acts["valid"].isel(sample=self._one(sample))))
+        order, rows, cols = self._grid(site)
+        return xr.DataArray(values.data[order].reshape(len(rows), len(cols)), dims=("row", "col"),
+                            coords={"row": rows, "col": cols, "sample": values["sample"]}, name=values.name)
+
+    def patch_grid(self, site: str, sample: str | int) -> np.ndarray:
+        """float64 [row, col, d]: one sample's activations at the image patches of grid site ``site``."""
+        if self._pos(site) == "position":
+            raise InterpError(f"{site} is a sequence site: it has no patch grid")
+        order, rows, cols = self._grid(site)
+        x = np.asarray(self.get(site, sample=self._one(sample)).values, dtype=np.float64)
+        return x[order].reshape(len(rows), len(cols), -1)
+
+    def _grid(self, site: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image patch positions in row-major order, the grid's rows, its cols) of a grid site (static: read once)."""
+        pos = self._pos(site)
+        if pos not in self._grids:
+            self._grids[pos] = self._read_grid(site, pos)
+        return self._grids[pos]
+
+    def _read_grid(self, site: str, pos: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img = np.flatnonzero(np.asarray(self.acts[f"{pos}_kind"]) == IMAGE)
         r, c = (np.asarray(self.acts[f"{pos}_{a}"])[img] for a in ("row", "col"))
         rows, cols = np.unique(r), np.unique(c)
         if len(img) != len(rows) * len(cols):
             raise InterpError(f"{site}: image patches do not form a full grid")
-        order = img[np.lexsort((c, r))]
-        return xr.DataArray(norms.data[order].reshape(len(rows), len(cols)), dims=("row", "col"),
-                            coords={"row": rows, "col": cols, "sample": norms["sample"]}, name=f"{site} norm")
+        return img[np.lexsort((c, r))], rows, cols
 
     # directions
 
@@ -159,6 +201,67 @@ class Explorer:
              "explained_variance_ratio": ("component", vals[:n_components] / vals.sum()),
              "scores": (("sample", "component"), x @ vecs.T)},
             coords={"component": comp, "sample": p["sample"]}, attrs={"site": site, "pool": pool})
+
+    # other analyses of the same samples
+
+    def find(self, group: str, sample: str | int) -> tuple[xr.DataTree, int] | None:
+        """(the first store holding analysis ``group`` for ``sample``, the sample's row in it)."""
+        sid = self.ids[self._one(sample)]
+        return next(((t, rows[sid]) for t, rows in self._trees if group in t.children and sid in rows), None)
+
+    def methods(self) -> list[str]:
+        """Attribution methods any store holds, in the order they were run."""
+        found = [t["attribution"].attrs.get("methods", {}) for t, _ in self._trees if "attribution" in t.children]
+        return list(dict.fromkeys(m for methods in found for m in methods))
+
+    def image_size(self, sample: str | int) -> tuple[int, int]:
+        """(height, width) of the sample's image."""
+        if self._sizes is None:  # [sample, 2], read once: every per-sample view asks for it
+            self._sizes = np.stack([self.tree["image_height"].values, self.tree["image_width"].values], axis=1)
+        h, w = self._sizes[self._one(sample)]
+        return int(h), int(w)
+
+    def attribution(self, method: str, sample: str | int) -> np.ndarray | None:
+        """float32 [H, W]: ``method``'s map of the sample in its image's pixels (None: not stored)."""
+        found = self.find("attribution", sample)
+        if found is None or method not in found[0]["attribution"].children:
+            return None
+        (tree, row), (h, w) = found, self.image_size(sample)
+        return tree["attribution"][method]["map"][row, :h, :w].values
+
+    def truth(self, sample: str | int) -> np.ndarray | None:
+        """bool [H, W]: the ground-truth mask of the sample's asked finding, where a store holds it."""
+        found = self.find("attribution", sample)
+        if found is None or "mask" not in found[0]["attribution"]:
+            return None
+        (tree, row), (h, w) = found, self.image_size(sample)
+        return tree["attribution"]["mask"][row, :h, :w].values
+
+    def sweep(self, sample: str | int) -> dict[str, xr.Dataset]:
+        """The sample's layer sweep per tower (datasets with a one-long ``sample`` dim), where a store holds one."""
+        found = self.find("sweep", sample)
+        if found is None:
+            return {}
+        tree, row = found
+        return {name: node.to_dataset().isel(sample=[row]) for name, node in tree["sweep"].children.items()}
+
+    def features(self, sample: str | int) -> np.ndarray | None:
+        """float [row, col, feature]: the SAE's features at each image patch of the sample, from a store's
+        ``sae`` group (``features.zarr``), else computed with the SAE checkpoint (None: neither)."""
+        found = self.find("sae", sample)
+        if found is not None:
+            tree, row = found
+            codes = np.asarray(tree["sae"]["patch_acts"][row].values)
+            side = int(np.sqrt(codes.shape[0]))
+            return codes.reshape(side, side, -1) if side * side == codes.shape[0] else None
+        if self.sae is None:
+            return None
+        import torch
+
+        x = self.patch_grid(self.sae_site, sample)
+        with torch.no_grad():
+            codes = self.sae.encode(torch.from_numpy(x.reshape(-1, x.shape[-1])).to(self.sae.dtype))
+        return codes.float().numpy().reshape(*x.shape[:2], -1)
 
     # checks
 

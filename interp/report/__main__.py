@@ -16,13 +16,16 @@ def parser() -> Parser:
     p.add_argument("--out", type=out_file, required=True, help="the HTML file to write")
     p.add_argument("--max-samples", type=positive_int, default=20, help="samples with a section (default: 20)")
     p.add_argument("--sae-dashboard", help="SAE features.html to link (default: the one beside the SAE store)")
+    p.add_argument("--evaluation", metavar="RESULTS_JSON",
+                   help="results.json of python -m interp.evaluate: each attribution method links to its scores")
     return p
 
 
 def report(args: argparse.Namespace) -> None:
     from interp.report.linked import write_linked_report
 
-    print(f"report: {write_linked_report(args.stores, args.out, args.max_samples, args.sae_dashboard)}")
+    out = write_linked_report(args.stores, args.out, args.max_samples, args.sae_dashboard, args.evaluation)
+    print(f"report: {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -79,6 +79,7 @@ def write_page(path: str | Path, title: str, body: Iterable[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<link rel="icon" href="data:,">'  # no favicon request: the page needs nothing from a server
             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
     path.write_text(page, encoding="utf-8")

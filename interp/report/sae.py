@@ -9,6 +9,7 @@ number of features.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,18 @@ HOW_TO_READ = (
     "description; the findings or anatomical concepts it is the best single feature for, with AUROC "
     "(image-level for findings, patch-level for anatomy) and the IoU of its active patches with the "
     "true mask; and its measured effect on the model's answers when ablated or steered.")
+
+
+def sae_pages(folder: Path | None, page: str | None = None) -> tuple[Path | None, dict[int, str], set[int] | None]:
+    """(the dashboards page, feature descriptions, features with a dashboard section: None if unknown) of an
+    SAE analysis folder (``features.html`` and ``analysis.json``, as ``python -m interp.sae`` writes them);
+    ``page`` names another dashboards page."""
+    analysis = folder / "analysis.json" if folder else None
+    info = json.loads(analysis.read_text()) if analysis and analysis.exists() else {}
+    html = Path(page) if page else folder / "features.html" if folder else None
+    shown = set(info["dashboard_features"]) if "dashboard_features" in info else None
+    return (html if html and html.exists() else None,
+            {int(d["feature"]): str(d["description"]) for d in info.get("descriptions", [])}, shown)
 
 
 @dataclass
