@@ -280,7 +280,8 @@ def test_labeller_agrees_with_iu_xray_mesh(txv_data):
     assert len(reports) == 3955 and r["n"] >= 3800 and r["normal"]["n"] >= 1300
     assert r["normal"]["no_affirmed"] >= 0.97
     eff, ptx, card = (r["per_finding"][f] for f in ("pleural_effusion", "pneumothorax", "cardiomegaly"))
-    assert eff["recall"] >= 0.85 and eff["precision"] >= 0.8
+    # hedged effusions ("effusion versus thickening", "and/or") are uncertain, which MeSH indexes as present
+    assert eff["recall"] >= 0.8 and eff["precision"] >= 0.95
     assert ptx["recall"] >= 0.75 and ptx["precision"] >= 0.75
     assert card["recall"] >= 0.75 and card["precision"] >= 0.9
     assert r["micro"]["f1"] >= 0.85 and all(d["specificity"] >= 0.98 for d in r["per_finding"].values())

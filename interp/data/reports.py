@@ -7,18 +7,30 @@ Loaders (local files only):
   (`load_openi_reports`).
 
 Detection (`NegationDetector`): negspacy's ``negex`` on ``spacy.blank("en")`` with a
-``sentencizer`` and an ``entity_ruler`` of ``{"LOWER": ...}`` token patterns for finding
-terms. The termset is negspacy's ``en_clinical`` plus radiology phrases. Each mention
-gets a status:
+``sentencizer`` and an ``entity_ruler`` of finding terms. Mention phrases and cues follow
+the CheXpert labeller (stanfordmlgroup/chexpert-labeler: ``phrases/mention``,
+``phrases/unmention``, ``patterns/negation.txt``, ``patterns/pre_negation_uncertainty.txt``,
+``patterns/post_negation_uncertainty.txt``), its dependency patterns rewritten as NegEx
+phrases; what was taken is marked "CheXpert" beside each list. Each mention gets a status,
+in CheXpert's order (pre-negation uncertainty, negation, post-negation uncertainty):
+- ``uncertain`` first for "cannot exclude pneumonia", "pneumonia is not excluded", "no new
+  consolidation" (pseudo-negations of the negation pass, cues of the hedge pass);
 - ``negated``: "no pleural effusion", "no evidence of pneumothorax", "without
-  consolidation", "effusion is not seen", and **"pleural effusion has resolved"**: a
-  resolved finding is absent now, so it is negated (decision documented here and tested);
-- ``uncertain``: hedged ("cannot exclude pneumonia", "possible consolidation", "may
-  represent atelectasis", "... cannot be excluded"); a second negex pass with an
-  uncertainty termset, and it wins over negation, like CheXpert's -1 (neither negative
-  nor positive);
+  consolidation", "effusion is not seen", "atelectasis rather than pneumonia", and
+  **"pleural effusion has resolved"**: a resolved finding is absent now, so it is negated
+  (decision documented here and tested);
+- ``uncertain``: hedged ("possible consolidation", "may represent atelectasis", "concern for
+  pneumonia", "differential diagnosis includes edema"), or one of alternatives within a
+  clause ("atelectasis or pneumonia", "effusion versus pleural thickening", "and/or"),
+  like CheXpert's -1 (neither negative nor positive);
 - ``affirmed``: everything else ("small left pleural effusion", "no change in the
   pleural effusion" - "no change" is a pseudo-negation).
+Organ terms of a size finding (`SIZE_TERMS`: "heart size", "cardiac silhouette") mention
+cardiomegaly only with a size statement: affirmed when enlarged ("the heart is mildly
+enlarged"), negated when normal ("heart size is normal", "upper limits of normal", "not
+enlarged"), uncertain when hedged ("borderline heart size"); otherwise not at all ("the
+heart and lungs have XXXX"). Unmention phrases ("pericardial effusion") hide the finding
+word inside them.
 """
 
 from __future__ import annotations
@@ -33,20 +45,56 @@ from interp.errors import InterpError
 
 STATUSES = ("affirmed", "negated", "uncertain")
 
-#: finding -> surface terms (lowercase, space-separated words); longest match wins
+#: finding -> surface terms, matched token by token, case-insensitively (split like the text:
+#: "air-space" is three tokens); a trailing "*" matches any word that starts so; longest match
+#: wins. CheXpert phrases/mention (mention_phrases for pneumothorax and lung opacity) taken:
+#: effusion, pleural fluid; pneumothorax (a substring match there, so hydropneumothorax too);
+#: consolidat*; mass, nodule, nodular density/opacity/opacification, lump, cavitary lesion,
+#: carcinoma, neoplasm, tumor; cardiomegaly, cardiac enlargement, enlarged heart and the organ
+#: terms in `SIZE_TERMS`; atelecta*, collapse; edema, chf, heart failure; pneumonia,
+#: infection, infectious process; opaci*, airspace disease, infiltrate, infiltration,
+#: increased density, decreased translucency; fracture; pleural thickening, fibrothorax,
+#: pleural / pleural-parenchymal / pleuro-pericardial scar. Left out: the interstitial and
+#: scar terms of Lung Opacity (chronic patterns, not an airspace opacity), "fibrosis" under
+#: Pleural Other (a lung finding).
 FINDING_TERMS: dict[str, tuple[str, ...]] = {
     "pleural_effusion": ("pleural effusion", "pleural effusions", "effusion", "effusions", "pleural fluid"),
-    "pneumothorax": ("pneumothorax", "pneumothoraces", "ptx"),
-    "consolidation": ("consolidation", "consolidations", "consolidative opacity", "airspace consolidation"),
-    "nodule": ("nodule", "nodules", "mass", "masses", "nodular opacity", "lung lesion"),
+    "pneumothorax": ("pneumothorax", "pneumothoraces", "hydropneumothorax", "ptx"),
+    "consolidation": ("consolidat*", "consolidative opacity", "airspace consolidation"),
+    "nodule": ("nodule", "nodules", "mass", "masses", "nodular opacity", "nodular opacities", "nodular opacification",
+               "nodular density", "nodular densities", "lung lesion", "cavitary lesion", "cavitary lesions", "lump", "lumps",
+               "carcinoma", "neoplasm", "neoplasms", "tumor", "tumors"),
     "cardiomegaly": ("cardiomegaly", "enlarged heart", "cardiac enlargement", "enlarged cardiac silhouette"),
-    "atelectasis": ("atelectasis", "atelectases", "collapse"),
-    "edema": ("edema", "oedema", "pulmonary edema", "interstitial edema", "vascular congestion"),
-    "pneumonia": ("pneumonia", "pneumonias"),
-    "opacity": ("opacity", "opacities", "opacification", "airspace disease"),
-    "fracture": ("fracture", "fractures"),
-    "pleural_thickening": ("pleural thickening",),
+    "atelectasis": ("atelecta*", "collapse"),
+    "edema": ("edema", "oedema", "pulmonary edema", "interstitial edema", "chf", "heart failure"),
+    "pneumonia": ("pneumonia", "pneumonias", "infection", "infections", "infectious process"),
+    "opacity": ("opaci*", "airspace disease", "air space disease", "air-space disease", "infiltrat*",
+                "increased density", "decreased translucency"),
+    "fracture": ("fracture*",),
+    "pleural_thickening": ("pleural thickening", "fibrothorax", "pleural scar*", "pleural-parenchymal scar*",
+                           "pleural parenchymal scar*", "pleuro-parenchymal scar*", "pleuroparenchymal scar*",
+                           "pleuro-pericardial scar*"),
 }
+#: finding -> organ terms that mention it only with a size statement (CheXpert's cardiomegaly
+#: mentions "the heart", "heart size", "cardiac size/shadow/contour/silhouette"; its negation
+#: "normal", "unremarkable", "within (upper) limits of normal", "not enlarged" and
+#: uncertainty "borderline heart size"). CheXpert calls a bare "the heart" positive; here it
+#: is no mention, which IU-Xray's MeSH terms agree with ("heart and lungs have XXXX").
+SIZE_TERMS: dict[str, tuple[str, ...]] = {
+    "cardiomegaly": ("heart", "heart size", "cardiac size", "heart silhouette", "cardiac silhouette",
+                     "cardiac silhouettes", "cardiac contour", "cardiac contours", "cardiac shadow"),
+}
+#: finding -> terms that mention it as uncertain unless negated (CheXpert post-negation
+#: uncertainty: vascular/pulmonary congestion, indistinctness, vascular prominence = edema -1)
+HEDGED_TERMS: dict[str, tuple[str, ...]] = {
+    "edema": ("vascular congestion", "pulmonary congestion", "pulmonary vascular congestion", "indistinctness",
+              "vascular prominence"),
+}
+#: phrases holding a finding term that are not that finding: CheXpert's unmention "pericardial
+#: effusion" and one of ours (old granulomatous infection is not pneumonia). Left out: its
+#: "calcified nodul" (a calcified nodule is a nodule here, and IU-Xray's MeSH indexes it
+#: "Nodule"); "massive", "massengale" (terms match whole words here)
+UNMENTION = ("pericardial effusion*", "granulomatous infection*")
 #: finding -> CheXpert condition (for joining with label CSVs)
 CHEXPERT_OF = {
     "pleural_effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax", "consolidation": "Consolidation",
@@ -54,19 +102,27 @@ CHEXPERT_OF = {
     "pneumonia": "Pneumonia", "opacity": "Lung Opacity", "fracture": "Fracture", "pleural_thickening": "Pleural Other",
 }
 #: finding -> IU-Xray MeSH major terms that mean it is present: a term matches it and every
-#: longer term under it ("Pleural Effusion" matches "Pleural Effusion/left/small")
+#: longer term under it ("Pleural Effusion" matches "Pleural Effusion/left/small"); a
+#: hydropneumothorax is a pneumothorax (a `FINDING_TERMS` term too)
 MESH_OF = {
-    "pleural_effusion": ("Pleural Effusion",), "pneumothorax": ("Pneumothorax",),
+    "pleural_effusion": ("Pleural Effusion",), "pneumothorax": ("Pneumothorax", "Hydropneumothorax"),
     "consolidation": ("Consolidation",), "nodule": ("Nodule", "Mass"),
     "cardiomegaly": ("Cardiomegaly", "Cardiac Shadow/enlarged"),
     "atelectasis": ("Pulmonary Atelectasis",), "edema": ("Pulmonary Edema",), "pneumonia": ("Pneumonia",),
     "opacity": ("Opacity", "Airspace Disease"), "fracture": ("Fractures, Bone",),
 }
 
+#: CheXpert pre_negation_uncertainty.txt: not negations (pseudo here), hedges (`_UNCERTAIN`)
+_PRE_UNCERTAIN = [
+    "cannot exclude", "can not exclude", "cannot be excluded", "can not be excluded", "cannot be entirely excluded",
+    "cannot entirely be excluded", "not entirely excluded", "cannot rule out", "cannot be ruled out", "not excluded",
+    "not be excluded", "not be ruled out", "no new", "no evidence to rule out",
+]
 _EXTRA_NEGATION = {
     "preceding_negations": [
         "no radiographic evidence of", "no definite", "no convincing", "resolution of", "resolved",
         "interval resolution of", "clear of", "no longer",
+        "no obvious", "rather than", "disappearance of",  # CheXpert negation.txt
     ],
     "following_negations": [
         "has resolved", "have resolved", "is resolved", "are resolved", "resolved", "is not seen",
@@ -74,28 +130,43 @@ _EXTRA_NEGATION = {
         "absent", "is no longer seen", "no longer seen", "no longer present", "is not present",
         "not present", "not appreciated", "not visualized", "has cleared", "have cleared",
     ],
-    "pseudo_negations": [
-        "cannot exclude", "can not exclude", "cannot be excluded", "can not be excluded",
-        "cannot rule out", "not excluded", "not be excluded", "not be ruled out",
-        "no change in", "no significant change in", "no interval change in",
-    ],
+    "pseudo_negations": [*_PRE_UNCERTAIN, "no change in", "no significant change in", "no interval change in"],
     "termination": ["there is", "there are", "there has been", "and there", "with"],
 }
+#: CheXpert post_negation_uncertainty.txt as phrases: possible/possibly/presumably/probable/
+#: questionable/suspect(ed)/suspicious, question, may/might/would/could before a mention and
+#: "may be present" after it (its modal rules), suggestion of, concern/suspicion for, favor,
+#: consider, differential diagnosis, borderline, poorly/incompletely evaluated, not well
+#: visualized, not clearly seen; "suggesting" and "likely" are ours. Alternatives (or, and/or,
+#: versus) are `_ALTERNATIVE`; "not appreciated" stays a negation (CheXpert: uncertain).
 _UNCERTAIN = {
     "pseudo_negations": ["no evidence of", "not likely"],
     "preceding_negations": [
-        "possible", "possibly", "probable", "probably", "may represent", "may be", "might represent",
-        "could represent", "could be", "suspicious for", "concerning for", "suggestive of",
-        "question of", "questionable", "cannot exclude", "can not exclude", "cannot rule out",
-        "likely", "versus", "vs", "differential includes", "worrisome for", "suspected",
+        *_PRE_UNCERTAIN, "possible", "possibly", "probable", "probably", "presumably", "may", "might", "could",
+        "would", "suspicious for", "concerning for", "concern for", "suspicion for", "suspicion of", "suspect",
+        "suspected", "suggestive of", "suggestion of", "suggesting", "question", "question of", "questionable",
+        "likely", "differential includes", "differential diagnosis", "worrisome for", "favor", "consider",
+        "borderline",
     ],
     "following_negations": [
-        "cannot be excluded", "can not be excluded", "not excluded", "not be excluded",
-        "not ruled out", "not be ruled out", "is possible", "is suspected", "suspected", "is likely",
-        "is questioned", "is not excluded",
+        *_PRE_UNCERTAIN, "not ruled out", "is possible", "is suspected", "suspected", "is likely", "is questioned",
+        "may be present", "might be present", "could be present", "borderline", "poorly evaluated",
+        "incompletely evaluated", "not well visualized", "not well evaluated", "not clearly seen",
     ],
-    "termination": ["although", "but", "however", "except", "there is", "there are", "and there"],
+    "termination": ["although", "but", "however", "except", "there is", "there are", "and there", "which"],
 }
+#: clause ends for the narrow-scope passes below
+_CLAUSE = [";", "with", "which", "but", "however", "although", "though", "there is", "there are", "and there"]
+#: CheXpert post-negation "XXX or YYY", "XXX and/or YYY", "XXX versus YYY": either side, within a clause
+_ALTERNATIVE = {"pseudo_negations": [], "preceding_negations": ["or", "and/or", "versus", "vs", "vs."],
+                "following_negations": ["or", "and/or", "versus", "vs", "vs."], "termination": [",", *_CLAUSE]}
+_NOT_ENLARGED = ["not enlarged", "not significantly enlarged", "not grossly enlarged", "not large"]
+#: size statements about an organ term (`SIZE_TERMS`)
+_ENLARGED = {"pseudo_negations": _NOT_ENLARGED, "preceding_negations": ["enlarged", "enlargement of"],
+             "following_negations": ["enlarged", "enlargement", "large", "larger"], "termination": [",", *_CLAUSE]}
+_NORMAL = {"pseudo_negations": [], "preceding_negations": ["normal", "unremarkable"],
+           "following_negations": ["normal", "unremarkable", *_NOT_ENLARGED], "termination": _CLAUSE}
+_UNMENTIONED = "UNMENTION"  # entity label of `UNMENTION`; "finding|size", "finding|hedged": of the other dicts
 
 
 @dataclass(frozen=True)
@@ -120,28 +191,57 @@ def _termset(extra: dict[str, list[str]], base: bool) -> dict[str, list[str]]:
     return out
 
 
+def _pattern(nlp, term: str) -> list[dict]:
+    """Token pattern of a term; a trailing "*" makes its last word a prefix."""
+    stem = term.endswith("*")
+    words = [t.lower_ for t in nlp.make_doc(term.rstrip("*"))]
+    pat: list[dict] = [{"LOWER": w} for w in words]
+    if stem:
+        pat[-1] = {"LOWER": {"REGEX": f"^{re.escape(words[-1])}"}}
+    return pat
+
+
+def _status(ent, kind: str) -> str | None:
+    """A mention's status; `kind`: "" (`FINDING_TERMS`), "size" or "hedged"; None: an organ term
+    without a size statement."""
+    if ent._.negex:
+        return "negated"
+    if kind == "hedged" or ent._.uncertain or ent._.alternative:
+        return "uncertain"
+    if kind != "size" or ent._.enlarged:
+        return "affirmed"
+    return "negated" if ent._.normal_size else None
+
+
 class NegationDetector:
     """NegEx over finding mentions (negspacy on a blank English spaCy pipeline)."""
 
     def __init__(self, terms: dict[str, Iterable[str]] | None = None):
+        import importlib
+
         import spacy
-        from negspacy.negation import Negex  # noqa: F401  (registers the "negex" factory)
+
+        importlib.import_module("negspacy.negation")  # registers the "negex" factory
 
         self.terms = {k: tuple(v) for k, v in (terms or FINDING_TERMS).items()}
         if not self.terms:
             raise InterpError("NegationDetector needs at least one finding term")
         nlp = spacy.blank("en")
         nlp.add_pipe("sentencizer")
-        ruler = nlp.add_pipe("entity_ruler")
-        ruler.add_patterns([
-            {"label": finding, "pattern": [{"LOWER": w} for w in term.lower().split()]}
-            for finding, ts in self.terms.items() for term in ts
-        ])
+        labelled = [(f, t) for f, ts in self.terms.items() for t in ts] + [(_UNMENTIONED, t) for t in UNMENTION]
+        for kind, extra in (("size", SIZE_TERMS), ("hedged", HEDGED_TERMS)):
+            labelled += [(f"{f}|{kind}", t) for f, ts in extra.items() if f in self.terms for t in ts]
+        nlp.add_pipe("entity_ruler").add_patterns([{"label": f, "pattern": _pattern(nlp, t)} for f, t in labelled])
         labels = list(self.terms)
-        nlp.add_pipe("negex", name="negex", config={
-            "neg_termset": _termset(_EXTRA_NEGATION, True), "ent_types": labels})
-        nlp.add_pipe("negex", name="hedge", config={
-            "neg_termset": _termset(_UNCERTAIN, False), "ent_types": labels, "extension_name": "uncertain"})
+        sized = [f + "|size" for f in SIZE_TERMS if f in self.terms]
+        hedged = [f + "|hedged" for f in HEDGED_TERMS if f in self.terms]
+        passes = [("negex", _EXTRA_NEGATION, labels + hedged), ("uncertain", _UNCERTAIN, labels + sized),
+                  ("alternative", _ALTERNATIVE, labels + sized), ("enlarged", _ENLARGED, sized),
+                  ("normal_size", _NORMAL, sized)]
+        for name, extra, types in passes:
+            if types:  # negspacy reads no types as every type
+                nlp.add_pipe("negex", name=name, config={
+                    "neg_termset": _termset(extra, name == "negex"), "ent_types": types, "extension_name": name})
         self.nlp = nlp
 
     def __call__(self, text: str) -> list[Mention]:
@@ -158,25 +258,22 @@ class NegationDetector:
     def _mentions(self, doc) -> list[Mention]:
         out = []
         for ent in doc.ents:
-            status = "uncertain" if ent._.uncertain else "negated" if ent._.negex else "affirmed"
-            sent = ent.sent
-            out.append(Mention(ent.label_, ent.text, status, (ent.start_char, ent.end_char),
-                               sent.text, (sent.start_char, sent.end_char)))
+            finding, _, kind = ent.label_.partition("|")
+            status = None if finding == _UNMENTIONED else _status(ent, kind)
+            if status is not None:
+                sent = ent.sent
+                out.append(Mention(finding, ent.text, status, (ent.start_char, ent.end_char),
+                                   sent.text, (sent.start_char, sent.end_char)))
         return out
 
     def status(self, sentence: str, finding: str) -> str | None:
-        """Status of `finding` in `sentence` (negated if any mention is, then uncertain,
-        then affirmed), or None if it is not mentioned."""
-        got = {m.status for m in self(sentence) if m.finding == finding}
-        for s in ("uncertain", "negated", "affirmed"):
-            if s in got:
-                return s
-        return None
+        """Status of `finding` in `sentence` as `report_status` reads it, or None if it is not mentioned."""
+        return self.report_status(sentence).get(finding)
 
     def report_status(self, text: str) -> dict[str, str]:
-        """Report-level status of each mentioned finding, CheXpert-style: affirmed if any
-        mention is (a left effusion and "no right effusion" is an effusion), else uncertain if
-        any is, else negated. Findings not mentioned are left out."""
+        """Status of each mentioned finding, CheXpert-style: affirmed if any mention is (a left
+        effusion and "no right effusion" is an effusion), else uncertain if any is, else negated.
+        Findings not mentioned are left out."""
         got: dict[str, set[str]] = {}
         for m in self(text):
             got.setdefault(m.finding, set()).add(m.status)
