@@ -17,18 +17,21 @@ COLUMNS = ("pointing", "box_f1", "box_iou", "energy", "auprc", "deletion", "inse
 
 
 def example_figure(title: str, image: np.ndarray, region: np.ndarray, maps: dict[str, np.ndarray]) -> go.Figure:
-    """The image, then each method's map (normalised to its own range) over it; the region outlined."""
+    """The image, then each method's map (normalised to its own range, block means on a grid of at most
+    ``MAP_CELLS`` a side); the region outlined."""
+    from interp.report.linked import blocks  # linked imports this module's table helpers
+
     names = ["image", *maps]
     cols = min(len(names), 6)
     rows = -(-len(names) // cols)
     fig = make_subplots(rows, cols, subplot_titles=[esc(n) for n in names], horizontal_spacing=0.02, vertical_spacing=0.08)
-    xs, ys = _outline(region)
+    xs, ys = _outline(blocks(region.astype(float)) >= 0.5)
     grey = image if image.ndim == 2 else image.mean(-1)
     for k, name in enumerate(names):
         r, c = divmod(k, cols)
-        z = grey if name == "image" else maps[name]
+        z = blocks(grey if name == "image" else maps[name])  # at most MAP_CELLS a side, in 1-byte percent: a small page
         lo, hi = float(np.min(z)), float(np.max(z))
-        fig.add_trace(go.Heatmap(z=(z - lo) / (hi - lo or 1.0), colorscale="Gray" if name == "image" else "Inferno",
+        fig.add_trace(go.Heatmap(z=np.round(100 * (z - lo) / (hi - lo or 1.0)).astype(np.uint8), zmin=0, zmax=100, colorscale="Gray" if name == "image" else "Inferno",
                                  showscale=False, hovertemplate=f"{esc(name)}<br>y %{{y}} x %{{x}}<extra></extra>"), r + 1, c + 1)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#3ec1d3", "width": 1.5}, hoverinfo="skip",
                                  showlegend=False), r + 1, c + 1)
