@@ -22,6 +22,8 @@ NEGATED = "there is no pleural effusion . the heart size is normal ."
 TEXTS = [CAPTION, "there is no pneumothorax .", "there is cardiomegaly . there is a nodule ."]
 POINTS = ("resid_pre", "attn.pattern", "attn.out", "mlp.out", "resid_post")
 SIZES = dict(d_text=32, n_text=3, d_vision=32, n_vision=2, d_embed=16)
+# the biased organism on 120 val phantoms of seed 7 (105 items): gap +0.295, 95% CI [0.190, 0.400]; floor about half
+BIASED_N, BIASED_GAP_FLOOR = 120, 0.15
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +233,23 @@ def test_validate_names_a_broken_pooled_site(tok, monkeypatch):
 @pytest.mark.skipif(not (CLIP_DIR / "model.safetensors").is_file(), reason="CLIP organism not trained")
 def test_shipped_organism_loads_and_reads_findings():
     from interp.models import load
-    from interp.models.train_clip import evaluate
+    from interp.models.train_clip import eval_set, evaluate
 
     adapter = load("clip-organism")
     assert isinstance(adapter, ClipAdapter) and adapter.n_layers("text") >= 2
-    m = evaluate(adapter, n_images=60, seed=7, split="val")
-    assert m["retrieval"]["recall@5"] > 3 * m["retrieval"]["chance@5"]
-    assert m["retrieval"]["recall@1"] > 5 * m["retrieval"]["chance@1"]
-    assert m["affirmative_acc"] > 0.5  # chance 0.25
+    m = evaluate(adapter, eval_set(60, seed=7, split="val"))
+    assert m["recall@5"] > 3 * 5 / m["gallery"]
+    assert m["recall@1"] > 5 / m["gallery"]
+    assert m["affirmative"] > 0.5  # chance 0.25
+
+
+@pytest.mark.skipif(not (CLIP_DIR.parent / "clip-biased" / "model.safetensors").is_file(), reason="biased CLIP organism not trained")
+def test_biased_organism_has_an_affirmation_bias():
+    """Trained with negated phrases rare (``--negated-rate 0.05``): on phantoms it never saw (val split), it
+    picks the true option less often when absent findings are written as negations."""
+    from interp.models import load
+    from interp.models.train_clip import eval_set, evaluate
+
+    m = evaluate(load("clip-organism-biased"), eval_set(BIASED_N, seed=7, split="val"))
+    assert m["gap_ci"][0] > 0 and m["gap"] > BIASED_GAP_FLOOR, (m["gap"], m["gap_ci"])
+    assert m["recall@5"] > 2 * 5 / m["gallery"] and m["affirmative"] > 0.4  # it still reads the images

@@ -1,6 +1,8 @@
-"""NAST: negation tracing (CTE vs an independent hand loop), alphas, scaled LoRA gradients, training.
+"""NAST: negation tracing (CTE vs an independent hand loop), alphas (both rules), scaled LoRA gradients,
+training, one config for every entry point, the study's statistics, and one CLIP evaluation path.
 
-Runs against a random-init tiny ``CLIPModel`` (seeded) behind ``interp.models.clip.ClipAdapter``.
+Runs against a random-init tiny ``CLIPModel`` (seeded) behind ``interp.models.clip.ClipAdapter``; the
+evaluation-path test uses the shipped biased CLIP organism.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from interp.errors import InterpError
-from interp.models.clip import ClipAdapter, clip_processor, clip_tokenizer
+from interp.models.clip import CLIP_DIR, ClipAdapter, clip_processor, clip_tokenizer
 from interp.nast import cte as C
 from interp.nast.lora import apply_scaled_lora
 
@@ -225,3 +227,73 @@ def test_cli_train_rejects_bad_alphas(tmp_path, capsys):
     assert main(["train", "--method", "nast", "--alphas", str(path)]) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after the weights' progress bar
     assert last.startswith("error: ") and "must hold a JSON list of numbers" in last
+
+
+def test_alpha_rules_state_and_block():
+    """state: min-max of the max-over-roles effect at each block's output; block: of the EOT effect each block adds."""
+    eot = np.array([1.0, 0.46, 0.25, 0.07, 0.0])  # CTE at EOT per hidden state (the README's organism)
+    values = np.full((2, 5, len(C.ROLES)), np.nan)
+    values[:, :, C.ROLES.index("EOT")] = eot
+    values[:, :, C.ROLES.index("negator")] = [0.0, 0.1, 0.2, 0.2, 0.3]
+    r = C.CTEResult(values, np.ones(2), "nast")
+    np.testing.assert_allclose(C.alphas_from_cte(r, "max", "state"), C.minmax([0.9, 0.8, 0.93, 1.0]))
+    np.testing.assert_allclose(C.alphas_from_cte(r, rule="block"), C.minmax([0.54, 0.21, 0.18, 0.07]))
+    with pytest.raises(InterpError, match="unknown alpha rule 'x': choose state, block"):
+        C.alphas_from_cte(r, rule="x")
+
+
+def test_every_entry_point_reads_one_config():
+    """trace, train and study parse to the config dataclasses' defaults; experiments/nast_clip.py is the study."""
+    from interp.nast.__main__ import parser
+    from interp.nast.config import NastConfig, StudyConfig, TraceConfig, settings
+
+    p = parser()
+    assert settings(TraceConfig, p.parse_args(["trace"])) == TraceConfig()
+    assert settings(NastConfig, p.parse_args(["train"])) == NastConfig()
+    s = p.parse_args(["study", "--betas", "1,2", "--seeds", "4,5", "--steps", "7", "--limit", "3"])
+    assert settings(StudyConfig, s) == StudyConfig(seeds=[4, 5], betas=[1.0, 2.0])
+    assert settings(NastConfig, s) == NastConfig(steps=7)
+    assert settings(TraceConfig, s) == TraceConfig(seeds=[4, 5], limit=3)
+    with pytest.raises(InterpError, match="--betas: must be comma-separated numbers >= 0"):
+        p.parse_args(["study", "--betas", "1,-2"])
+
+
+def test_study_tables_and_paired_comparison():
+    from interp.nast.study import conclude, paired, table
+
+    def runs(gaps, r1):
+        return [dict.fromkeys(("negated", "affirmative", "claims", "recall@5"), 0.5) | {"gap": g, "recall@1": r}
+                for g, r in zip(gaps, r1)]
+
+    data = {"uniform": runs([0.10, 0.12, 0.08], [0.2, 0.2, 0.2]), "nast b=1": runs([0.02, 0.03, -0.01], [0.2, 0.21, 0.19])}
+    t = table(data)
+    assert t["uniform"]["gap"]["mean"] == pytest.approx(0.1) and t["uniform"]["gap"]["sd"] == pytest.approx(0.02)
+    c = paired(data, "nast b=1")
+    assert c["abs_gap"]["mean"] == pytest.approx(-8.0) and c["abs_gap"]["ci"][1] < 0 and c["recall@1"]["mean"] == pytest.approx(0)
+    assert "NAST beats uniform LoRA" in conclude({"nast b=1": c})
+    worse = paired({"uniform": data["nast b=1"], "nast b=1": data["uniform"]}, "nast b=1")
+    assert "does not beat" in conclude({"nast b=1": worse})
+
+
+@pytest.mark.skipif(not (CLIP_DIR.parent / "clip-biased" / "model.safetensors").is_file(), reason="biased CLIP organism not trained")
+def test_one_clip_evaluation_path(capsys):
+    """``train_clip --eval-only`` and a NAST ``base`` run score through one function on one set: identical numbers."""
+    from interp.models import load
+    from interp.models.train_clip import eval_set, evaluate, format_table, main
+    from interp.nast.train import NastConfig, train_run
+
+    adapter = load("clip-organism-biased")
+    direct = evaluate(adapter, eval_set(48, seed=1))
+    assert train_run(adapter, NastConfig(method="base", n_eval=48, eval_seed=1)).metrics == direct
+    assert main(["--eval-only", "--model", "clip-organism-biased", "--eval-images", "48"]) == 0
+    assert format_table(direct) in capsys.readouterr().out
+
+
+def test_experiment_script_is_the_study():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "nast_clip.py"
+    res = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
+    assert res.stdout.startswith("usage: python -m interp.nast study") and "--betas" in res.stdout

@@ -28,13 +28,17 @@ FAMILIES = {
     "llava_next": "interp.models.llava_next:LlavaNextAdapter",
 }
 _WEIGHTS = Path(__file__).parent / "weights"
-#: the embedded organisms; ``organism-shortcut`` was trained with a chest tube beside every pneumothorax
-ALIASES = {"organism": _WEIGHTS / "lvlm", "organism-shortcut": _WEIGHTS / "lvlm-shortcut", "clip-organism": _WEIGHTS / "clip"}
+#: the embedded organisms; ``organism-shortcut`` was trained with a chest tube beside every pneumothorax,
+#: ``clip-organism-biased`` with negated phrases rare in its captions (an affirmation bias, as in medical CLIPs)
+ALIASES = {"organism": _WEIGHTS / "lvlm", "organism-shortcut": _WEIGHTS / "lvlm-shortcut", "clip-organism": _WEIGHTS / "clip",
+           "clip-organism-biased": _WEIGHTS / "clip-biased"}
 TRAIN_HINT = {"organism": "python -m interp.models.train",
               "organism-shortcut": "python -m interp.models.train --out interp/models/weights/lvlm-shortcut --seed 1 "
                                    "--confounder-rate 1.0 --confounded pneumothorax --eval-images 100 "
                                    "--eval-cot-images 40 --shortcut-table",
-              "clip-organism": "python -m interp.models.train_clip"}
+              "clip-organism": "python -m interp.models.train_clip",
+              "clip-organism-biased": "python -m interp.models.train_clip --steps 800 --negated-rate 0.05 "
+                                      "--out interp/models/weights/clip-biased"}
 #: what ``load(kind=...)`` can ask for: an LVLM has an ``lm`` tower, a dual encoder ``text`` and ``vision`` towers
 KINDS = {"lvlm": "an LVLM", "dual": "a CLIP-style dual encoder"}
 #: files fetched from the hub: config, processor, tokenizer, safetensors (never pickles), top level only

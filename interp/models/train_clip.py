@@ -1,6 +1,7 @@
 """Train the CLIP model organism on phantoms with report-style captions; evaluate it on the
-MedNega-style phantom benchmark (negated vs affirmative 4-way accuracy, their gap) and on
-image->text retrieval of non-negated captions.
+MedNega-style phantom benchmark (negated vs affirmative 4-way accuracy, their gap), contextual
+claim pairs and image->text retrieval of non-negated captions. ``eval_set`` / ``evaluate`` are the
+one CLIP evaluation path: ``--eval-only`` and every NAST run (``interp.nast``) score through them.
 
     python -m interp.models.train_clip                 # train, save to interp/models/weights/clip
     python -m interp.models.train_clip --eval-only     # print the figures of the shipped organism
@@ -28,7 +29,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from interp.cli import Parser, fraction, non_negative_int, not_applicable, out_dir, positive_int, run
-from interp.data.negation import PHANTOM_BANK, mednega_from_phantoms, score_negation
+from interp.data.negation import (PHANTOM_BANK, VARIANTS, NegationBenchmark, _bootstrap_ci, contextual_claims, mcq_correct,
+                                  mednega_from_phantoms, score_negation)
 from interp.data.phantom import FINDINGS, sample_spec
 from interp.data.vqa import AFFIRMATIVE, SPLITS, VQADataset
 from interp.errors import InterpError
@@ -168,60 +170,89 @@ def train(cfg: ClipTrainConfig, progress: bool = True) -> tuple[ClipAdapter, dic
 
 
 # ---------------------------------------------------------------------------------------
-# evaluation
+# evaluation: the one path for the organism (``--eval-only``, after training) and every NAST run
 
 
-def evaluate(adapter: ClipAdapter, n_images: int = 400, seed: int = 1, split: str = "test") -> dict:
-    """MedNega-style 4-way accuracy on negated and affirmative option sets (gap = affirmative -
-    negated, 95% bootstrap CIs) and image->text retrieval recall@1/5 over the 32 non-negated
-    captions (one per label vector) for the held-out phantoms of ``split``."""
-    import torch
+@dataclass
+class EvalSet:
+    """Held-out phantoms and what the metrics score on them; build once (``eval_set``), score any model."""
 
-    bench = mednega_from_phantoms(n_images, seed, split)
+    bench: NegationBenchmark  # MedNega-style items of the qualifying phantoms
+    images: np.ndarray  # [n_images, size, size]: every phantom drawn
+    labels: np.ndarray  # [n_images, findings]
+    claims: dict[int, list[tuple[str, str, bool]]]  # image -> (positive text, negated text, positive is true)
+
+    @property
+    def meta(self) -> dict:
+        m = self.bench.meta
+        return {"n_items": len(self.bench), "n_images": m["n_images"], "seed": m["seed"], "split": m["split"],
+                "hash": self.bench.hash[:16]}
+
+
+def claim_pairs(specs, seed: int) -> dict[int, list[tuple[str, str, bool]]]:
+    """Per phantom, its contextual claim pairs (``interp.data.negation.contextual_claims``)."""
+    by: dict[str, dict] = {}
+    for c in contextual_claims(specs, seed):
+        by.setdefault(c.id.rsplit("-", 1)[0], {})[c.negated] = c
+    out: dict[int, list] = {}
+    for d in by.values():
+        p, q = d[False], d[True]
+        out.setdefault(p.image, []).append((p.text, q.text, bool(p.label)))
+    return out
+
+
+def eval_set(n_images: int = 400, seed: int = 1, split: str = "test", image_size: int = 64) -> EvalSet:
+    """The ``n_images`` phantoms ``build_vqa(n_images, seed, split)`` draws, their MedNega-style items and claims."""
+    bench = mednega_from_phantoms(n_images, seed, split, image_size=image_size)
     ds = bench.dataset()
-    img_cache: dict[int, np.ndarray] = {}
-    def image(i: int) -> np.ndarray:
-        if i not in img_cache:
-            img_cache[i] = ds.image(i)
-        return img_cache[i]
+    return EvalSet(bench, np.stack([ds.image(i) for i in range(n_images)]), np.stack([labels_of(s) for s in ds.specs]),
+                   claim_pairs(ds.specs, seed))
 
-    item_imgs = adapter.image_embeds([image(int(it.image)) for it in bench.items])
-    scores = {}
-    for variant in ("negation", "affirmative"):
-        opts = [o for ch in bench.choices(variant) for o in ch]
-        t = adapter.text_embeds(opts).view(len(bench), 4, -1)
-        scores[variant] = torch.einsum("nd,nkd->nk", item_imgs, t).numpy()
-    s = score_negation(scores["negation"], scores["affirmative"], bench.correct)
 
+def evaluate(adapter: ClipAdapter, es: EvalSet) -> dict:
+    """MedNega-style 4-way accuracy on the negated and the affirmative option sets (gap = affirmative -
+    negated; 95% bootstrap CIs, the gap's paired over items), contextual claim accuracy (the true text of
+    each positive/negated pair scores higher), and image->text retrieval recall@1/5 over the 32
+    non-negated captions (one per label vector), as fractions."""
+    img = adapter.image_embeds(list(es.images))
     gallery = [tuple(int(b) for b in np.binary_repr(k, len(FINDINGS))) for k in range(2 ** len(FINDINGS))]
-    g = adapter.text_embeds([full_caption(v) for v in gallery])
-    all_imgs = adapter.image_embeds([image(i) for i in range(n_images)])
-    truth = torch.tensor([gallery.index(tuple(labels_of(sp).tolist())) for sp in ds.specs])
-    sim = adapter.similarity(all_imgs, g)
-    rank = (sim > sim[torch.arange(n_images), truth][:, None]).sum(1)  # 0 = top
-    # per-finding presence from the caption similarity: is the finding's label read correctly?
-    pred = torch.tensor(gallery)[sim.argmax(1)]
-    lab = torch.stack([torch.from_numpy(labels_of(sp)) for sp in ds.specs])
+    captions = [full_caption(v) for v in gallery]
+    texts = sorted({t for v in VARIANTS for ch in es.bench.choices(v) for t in ch}
+                   | {t for ps in es.claims.values() for p, q, _ in ps for t in (p, q)} | set(captions))
+    col = {t: k for k, t in enumerate(texts)}
+    sims = (img @ adapter.text_embeds(texts).T).numpy()  # cosine [images, texts]: the ranking of any logit
+
+    rows = np.array([int(it.image) for it in es.bench.items])
+    mcq = {v: sims[rows[:, None], [[col[t] for t in ch] for ch in es.bench.choices(v)]] for v in VARIANTS}
+    s = score_negation(mcq["negation"], mcq["affirmative"], es.bench.correct)
+    paired = mcq_correct(mcq["affirmative"], es.bench.correct) - mcq_correct(mcq["negation"], es.bench.correct)
+    d = np.array([(sims[i, col[p]] - sims[i, col[q]]) * (1 if t else -1) for i, ps in es.claims.items() for p, q, t in ps])
+
+    g = sims[:, [col[c] for c in captions]]
+    truth = np.array([gallery.index(tuple(v)) for v in es.labels.tolist()])
+    rank = (g > g[np.arange(len(truth)), truth][:, None]).sum(1)  # 0 = top
+    pred = np.array(gallery)[g.argmax(1)]
     return {
-        "benchmark": {"n_items": s.n, "n_images": n_images, "seed": seed, "split": split, "hash": bench.hash[:16]},
-        "negated_acc": round(s.negated, 4), "affirmative_acc": round(s.affirmative, 4), "gap": round(s.gap, 4),
-        "negated_ci": [round(x, 4) for x in s.negated_ci], "affirmative_ci": [round(x, 4) for x in s.affirmative_ci],
-        "chance_mcq": 0.25,
-        "retrieval": {"recall@1": round(float((rank < 1).float().mean()), 4), "recall@5": round(float((rank < 5).float().mean()), 4),
-                      "gallery": len(gallery), "chance@1": round(1 / len(gallery), 4), "chance@5": round(5 / len(gallery), 4)},
-        "finding_acc_from_top1": {n: round(float((pred[:, j] == lab[:, j]).float().mean()), 4) for j, n in enumerate(FINDINGS)},
+        "negated": s.negated, "affirmative": s.affirmative, "gap": s.gap, "negated_ci": list(s.negated_ci),
+        "affirmative_ci": list(s.affirmative_ci), "gap_ci": list(_bootstrap_ci(paired)),
+        "claims": float(((d > 0) + 0.5 * (d == 0)).mean()),
+        "recall@1": float((rank < 1).mean()), "recall@5": float((rank < 5).mean()),
+        "finding_acc_from_top1": {n: float((pred[:, j] == es.labels[:, j]).mean()) for j, n in enumerate(FINDINGS)},
+        "n_mcq": s.n, "n_claims": len(d), "gallery": len(gallery), "benchmark": es.meta,
     }
 
 
 def format_table(m: dict) -> str:
-    r = m["retrieval"]
+    b = m["benchmark"]
+    ci = lambda k: f"95% CI [{m[k][0]:.3f}, {m[k][1]:.3f}]"
     lines = [
-        f"MedNega-style phantom benchmark ({m['benchmark']['n_items']} items, split {m['benchmark']['split']}, seed {m['benchmark']['seed']}; chance 0.25)",
-        f"  negated     acc {m['negated_acc']:.3f}  95% CI [{m['negated_ci'][0]:.3f}, {m['negated_ci'][1]:.3f}]",
-        f"  affirmative acc {m['affirmative_acc']:.3f}  95% CI [{m['affirmative_ci'][0]:.3f}, {m['affirmative_ci'][1]:.3f}]",
-        f"  gap (affirmative - negated) {m['gap']:+.3f}",
-        f"image->text retrieval, {m['benchmark']['n_images']} images vs {r['gallery']} non-negated captions: "
-        f"R@1 {r['recall@1']:.3f} (chance {r['chance@1']:.3f})  R@5 {r['recall@5']:.3f} (chance {r['chance@5']:.3f})",
+        f"MedNega-style phantom benchmark ({b['n_items']} items, split {b['split']}, seed {b['seed']}; chance 0.25)",
+        f"  negated     acc {m['negated']:.3f}  {ci('negated_ci')}",
+        f"  affirmative acc {m['affirmative']:.3f}  {ci('affirmative_ci')}",
+        f"  gap (affirmative - negated) {m['gap']:+.3f}  {ci('gap_ci')} (paired bootstrap over items)",
+        f"contextual claim pairs ({m['n_claims']}): true text scores higher {m['claims']:.3f} (chance 0.5)",
+        f"image->text retrieval, {b['n_images']} images vs {m['gallery']} non-negated captions: "
+        f"R@1 {m['recall@1']:.3f} (chance {1 / m['gallery']:.3f})  R@5 {m['recall@5']:.3f} (chance {5 / m['gallery']:.3f})",
         "per-finding label read from the top-1 caption: " + ", ".join(f"{k} {v:.2f}" for k, v in m["finding_acc_from_top1"].items()),
     ]
     return "\n".join(lines)
@@ -236,7 +267,8 @@ def parser() -> Parser:
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--n-train", type=positive_int, help=f"training phantoms, at least a batch ({ClipTrainConfig.batch})")
     p.add_argument("--hard-negatives", action="store_true", default=None)
-    p.add_argument("--negated-rate", type=fraction)
+    p.add_argument("--negated-rate", type=fraction, help=f"share of absent findings' mentions that are negated phrases "
+                                                        f"(default {ClipTrainConfig.negated_rate}; the rest affirmative rewrites)")
     p.add_argument("--eval-images", type=positive_int)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -260,7 +292,7 @@ def work(a: argparse.Namespace, command: str) -> None:
     if a.eval_only:
         model = a.model or "clip-organism"
         adapter = load(model, kind="dual", purpose="train_clip --eval-only (CLIP-style retrieval)")
-        m = evaluate(adapter, cfg.eval_images, cfg.eval_seed)
+        m = evaluate(adapter, eval_set(cfg.eval_images, cfg.eval_seed))
         print(f"model {model} (weights {adapter.weight_hash})")
         print(format_table(m))
         return
@@ -268,7 +300,7 @@ def work(a: argparse.Namespace, command: str) -> None:
     if cfg.n_train < cfg.batch:
         raise InterpError(f"--n-train {cfg.n_train} is less than a batch ({cfg.batch} phantoms)")
     adapter, info = train(cfg, progress=not a.no_progress)
-    m = evaluate(adapter, cfg.eval_images, cfg.eval_seed)
+    m = evaluate(adapter, eval_set(cfg.eval_images, cfg.eval_seed))
     out = save_clip_organism(adapter.model, adapter.tokenizer, out)
     metrics = {"config": asdict(cfg), "train": info, "weight_hash": adapter.weight_hash, "eval": m,
                "command": command, "eval_command": "python -m interp.models.train_clip --eval-only"}

@@ -1,10 +1,13 @@
-"""``python -m interp.nast``: negation tracing -> alphas, and one NAST training run.
+"""``python -m interp.nast``: NAST's one entry point - negation tracing -> alphas, one training run, or the study.
 
-    python -m interp.nast trace --model clip-organism --n-images 48 --seeds 0,1,2 --out reports/nast
-    python -m interp.nast train --method nast --beta 1 --alphas reports/nast/cte.zarr
+    python -m interp.nast trace --model clip-organism-biased --out reports/nast
+    python -m interp.nast train --model clip-organism-biased --method nast --beta 1 --alphas reports/nast/cte.zarr
+    python -m interp.nast study --model clip-organism-biased          # = python experiments/nast_clip.py
 
-Both need a CLIP-style dual encoder. The full comparison (base, uniform, NAST per beta,
-shuffled/random controls, >= 3 seeds) is ``python experiments/nast_clip.py``.
+Every option and default comes from ``interp/nast/config.py`` (``TraceConfig``, ``NastConfig``,
+``StudyConfig``), shared by the three commands; ``python -m interp.trace --mode nast`` traces with the
+same ``trace_seeds``. All need a CLIP-style dual encoder. Runs are scored by the organism's own
+evaluation (``python -m interp.models.train_clip --eval-only``: same function, same default set).
 Bad input: one line on stderr, exit code 2, nothing written (``--debug``: tracebacks).
 """
 
@@ -12,42 +15,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 
-from interp.cli import (Parser, fraction, int_list, non_negative_float, non_negative_int, out_dir, out_file, positive_float,
-                        positive_int, run)
-from interp.nast.config import AGGREGATES, METHODS, SCALE_MODES, NastConfig
-
-TYPES = {"beta": non_negative_float, "steps": positive_int, "batch_size": positive_int, "lr": positive_float,
-         "momentum": fraction, "rank": positive_int, "lora_alpha": positive_float, "claim_weight": non_negative_float,
-         "n_train": positive_int, "n_eval": positive_int, "data_seed": non_negative_int, "seed": non_negative_int,
-         "image_size": positive_int}
-CHOICES = {"method": METHODS, "scale_mode": SCALE_MODES}
+from interp.cli import Parser, out_dir, out_file, positive_int, run
+from interp.nast.config import NastConfig, StudyConfig, TraceConfig, add_options, settings
 
 
 def parser() -> Parser:
-    p = Parser("python -m interp.nast", __doc__.split("\n")[0])
+    p = Parser("python -m interp.nast", __doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("trace", help="CTE per layer x role on phantom claim pairs and alphas; writes <out>/cte.zarr")
-    t.add_argument("--model", default="clip-organism")
-    t.add_argument("--n-images", type=positive_int, default=48)
-    t.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated data seeds (default: 0,1,2)")
-    t.add_argument("--limit", type=positive_int, default=None, help="pairs per seed")
-    t.add_argument("--aggregate", default="max", choices=AGGREGATES)
-    t.add_argument("--min-margin", type=non_negative_float, default=0.1)
-    t.add_argument("--out", type=out_dir, default="reports/nast")
+    add_options(t, TraceConfig)
     r = sub.add_parser("train", help="one training run; prints its metrics")
-    for f in fields(NastConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            r.add_argument(flag, action="store_true", default=f.default)
-        else:
-            r.add_argument(flag, type=TYPES.get(f.name, type(f.default)), default=f.default, choices=CHOICES.get(f.name))
+    add_options(r, NastConfig)
     r.add_argument("--alphas", default=None, help="the cte.zarr store `trace` wrote, or a .json list of numbers "
                                                   "(one per text block); needed by nast / shuffled")
-    r.add_argument("--out", type=out_file, default=None, help="write the run's JSON here")
+    s = sub.add_parser("study", help="base vs uniform LoRA vs NAST (beta grid, both alpha rules) vs shuffled/random "
+                                     "alphas over seeds; writes <out>/study.json, study.html, cte.zarr")
+    add_options(s, StudyConfig)
+    add_options(s, TraceConfig, skip=("model", "seeds", "alpha_rule"))
+    add_options(s, NastConfig, skip=("method", "beta", "seed"))
+    for q, default, kind in ((t, "reports/nast", out_dir), (r, None, out_file), (s, "reports/nast", out_dir)):
+        q.add_argument("--out", type=kind, default=default,
+                       help="output folder" if kind is out_dir else "write the run's JSON here")
+        q.add_argument("--threads", type=positive_int, default=1, help="torch threads (1: fastest on shared cores)")
     return p
 
 
@@ -57,12 +50,14 @@ def trace(args: argparse.Namespace) -> None:
     from interp.models import load
     from interp.nast.cte import trace_seeds, write_trace
 
-    adapter = load(args.model, kind="dual", purpose="nast trace")
-    results, pooled, stab, alphas = trace_seeds(adapter, args.seeds, args.n_images, aggregate=args.aggregate,
-                                                min_margin=args.min_margin, limit=args.limit)
-    store = write_trace(str(Path(args.out) / "cte.zarr"), adapter, results, pooled, stab, alphas, args.aggregate)
-    print(f"profile ({args.aggregate}): {np.round(pooled.profile(args.aggregate), 3).tolist()}")
-    print(f"alphas: {np.round(alphas, 3).tolist()}  seed rank correlation: {stab['mean']:.3f}")
+    cfg = settings(TraceConfig, args)
+    adapter = load(cfg.model, kind="dual", purpose="nast trace")
+    results, pooled, stab, alphas = trace_seeds(adapter, cfg.seeds, cfg.n_images, aggregate=cfg.aggregate,
+                                                min_margin=cfg.min_margin, limit=cfg.limit, alpha_rule=cfg.alpha_rule)
+    store = write_trace(str(Path(args.out) / "cte.zarr"), adapter, results, pooled, stab, alphas, cfg.aggregate,
+                        cfg.alpha_rule)
+    print(f"profile ({cfg.aggregate}): {np.round(pooled.profile(cfg.aggregate), 3).tolist()}")
+    print(f"alphas ({cfg.alpha_rule} rule): {np.round(alphas, 3).tolist()}  seed rank correlation: {stab['mean']:.3f}")
     print(f"wrote {store}")
 
 
@@ -71,7 +66,7 @@ def train(args: argparse.Namespace) -> None:
     from interp.nast.cte import load_alphas
     from interp.nast.train import train_run
 
-    cfg = NastConfig(**{f.name: getattr(args, f.name) for f in fields(NastConfig)})
+    cfg = settings(NastConfig, args)
     cfg.validate()
     adapter = load(cfg.model, kind="dual", purpose="nast train (LoRA on a text encoder)")
     alphas = load_alphas(args.alphas, adapter.n_layers("text")) if args.alphas else None
@@ -82,8 +77,27 @@ def train(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(res.to_dict(), indent=1))
 
 
+def study(args: argparse.Namespace, command: str) -> None:
+    from interp.nast.study import run_study
+
+    cfg = settings(NastConfig, args)
+    cfg.validate()
+    run_study(settings(StudyConfig, args), settings(TraceConfig, args), cfg, args.out, command)
+
+
+def work(args: argparse.Namespace, command: str) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.cmd == "study":
+        study(args, command)
+    else:
+        (trace if args.cmd == "trace" else train)(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(parser().parse_args, lambda args: (trace if args.cmd == "trace" else train)(args), argv)
+    command = " ".join(["python -m interp.nast", *(sys.argv[1:] if argv is None else argv)])
+    return run(parser().parse_args, lambda args: work(args, command), argv)
 
 
 if __name__ == "__main__":

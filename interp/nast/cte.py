@@ -33,7 +33,10 @@ the metric is ``logit(neg) - logit(pos)`` and the value is the normalised indire
 ("where can one position carry the negation at this depth"); ``negator`` (the cue position
 only) and ``mean`` are options. alpha for block l (the LoRA'd layer) uses the profile at
 hidden state l + 1 (that block's output); alpha = min-max normalisation over the blocks, so the
-least causal block gets alpha 0 (no update) and the most causal alpha 1.
+least causal block gets alpha 0 (no update) and the most causal alpha 1 (rule ``state``). Rule
+``block`` (the per-block variant) gives block l the effect it *adds* at EOT, the token CLIP pools:
+min-max of max(0, effect at hidden state l + 1 - effect at hidden state l), so the blocks that move
+negation onto the pooled token are trained and the later ones, where it has already arrived, are not.
 
 **Store**: ``write_trace`` writes a multi-seed run as group ``nast`` of a results store
 (``interp.store``; read with ``open_store``), ``load_alphas`` reads its alphas back for training.
@@ -52,7 +55,7 @@ import torch
 
 from interp.errors import InterpError
 from interp.models.adapter import Batch
-from interp.nast.config import AGGREGATES
+from interp.nast.config import AGGREGATES, ALPHA_RULES, TraceConfig
 from interp.store import Field, SampleIndex, StoreWriter, open_store
 from interp.store.layout import digest
 from interp.trace.patching import Noise, restore_sweep
@@ -381,9 +384,17 @@ def alphas_from_profile(profile: Sequence[float], n_blocks: int | None = None) -
     return minmax(np.nan_to_num(p[1:], nan=0.0))
 
 
-def alphas_from_cte(result: CTEResult, aggregate: str = "max") -> np.ndarray:
-    """alpha_l (one per text block) = min-max normalised per-layer aggregate effect."""
-    return alphas_from_profile(result.profile(aggregate), result.n_layers - 1)
+def alphas_from_cte(result: CTEResult, aggregate: str = TraceConfig.aggregate,
+                    rule: str = TraceConfig.alpha_rule) -> np.ndarray:
+    """alpha_l (one per text block). Rule ``state``: min-max normalised per-layer aggregate effect at the
+    block's output. Rule ``block``: min-max normalised effect the block adds at EOT (where CLIP pools),
+    max(0, effect after it - effect before it): the blocks that move negation to the pooled token."""
+    if rule not in ALPHA_RULES:
+        raise InterpError(f"unknown alpha rule {rule!r}: choose {', '.join(ALPHA_RULES)}")
+    if rule == "state":
+        return alphas_from_profile(result.profile(aggregate), result.n_layers - 1)
+    eot = np.nan_to_num(result.mean(effect=True)[:, result.roles.index("EOT")], nan=0.0)
+    return minmax(np.clip(np.diff(eot), 0.0, None))
 
 
 def check_alphas(alphas: Sequence[float], n_layers: int) -> np.ndarray:
@@ -426,8 +437,9 @@ def seed_stability(profiles: Sequence[Sequence[float]]) -> dict:
 
 
 def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes: Sequence[str] = ("presence", "laterality"),
-                aggregate: str = "max", min_margin: float = 0.1, limit: int | None = None, split: str = "val",
-                mode: str = "nast") -> tuple[list[CTEResult], CTEResult, dict, np.ndarray]:
+                aggregate: str = TraceConfig.aggregate, min_margin: float = TraceConfig.min_margin,
+                limit: int | None = None, split: str = "val", mode: str = "nast",
+                alpha_rule: str = TraceConfig.alpha_rule) -> tuple[list[CTEResult], CTEResult, dict, np.ndarray]:
     """CTE per data seed (ids ``seed<s>/<pair>``), their pooled result (its meta also records how the
     pairs were built: seeds, split, n_images, attributes, limit), the per-seed profiles' rank
     stability, and alphas."""
@@ -442,7 +454,7 @@ def trace_seeds(adapter, seeds: Sequence[int], n_images: int, *, attributes: Seq
                        {**results[0].meta, **recipe, "dropped": sum(r.meta["dropped"] for r in results),
                         "n_pairs": sum(r.meta["n_pairs"] for r in results)}, [p for r in results for p in r.pairs])
     stab = seed_stability([r.profile(aggregate) for r in results])
-    return results, pooled, stab, alphas_from_cte(pooled, aggregate)
+    return results, pooled, stab, alphas_from_cte(pooled, aggregate, alpha_rule)
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,7 +488,8 @@ def _samples(pooled: CTEResult) -> SampleIndex:
 
 
 def write_trace(url: str, adapter, results: Sequence[CTEResult], pooled: CTEResult, stability: dict,
-                alphas: np.ndarray, aggregate: str = "max") -> str:
+                alphas: np.ndarray, aggregate: str = TraceConfig.aggregate,
+                alpha_rule: str = TraceConfig.alpha_rule) -> str:
     """Write a ``trace_seeds`` run as group ``nast`` of the results store at ``url`` (replacing it).
 
     Sample index: one row per traced pair (see ``_samples``; thumbnails of its image). Group ``nast``:
@@ -491,13 +504,14 @@ def write_trace(url: str, adapter, results: Sequence[CTEResult], pooled: CTEResu
     statics = {"layer": (("layer",), np.arange(pooled.n_layers), {}), "role": (("role",), np.asarray(pooled.roles), {}),
                "cte_mean": (grid, pooled.mean(), {}), "cte_ci_low": (grid, lo, ci), "cte_ci_high": (grid, hi, ci),
                "profile": (("layer",), pooled.profile(aggregate), {"aggregate": aggregate}),
-               "alpha": (("layer",), np.r_[np.nan, alphas], {"aggregate": aggregate})}
+               "alpha": (("layer",), np.r_[np.nan, alphas], {"aggregate": aggregate, "rule": alpha_rule})}
     fields = {"cte": Field((pooled.n_layers, len(pooled.roles)), grid, "float64", float("nan"),
                            {"quantity": QUANTITY[pooled.mode]}),
               "margin": Field((), (), "float64", float("nan"), {"quantity": "logit(positive) - logit(negated)"}),
               "seed": Field((), (), "int32", coord=True)}
     meta = {"model_id": adapter.model_id, "weight_hash": adapter.weight_hash, "adapter": adapter.name,
-            "config": {**{k: v for k, v in pooled.meta.items() if k not in NOT_CONFIG}, "aggregate": aggregate}}
+            "config": {**{k: v for k, v in pooled.meta.items() if k not in NOT_CONFIG}, "aggregate": aggregate,
+                       "alpha_rule": alpha_rule}}
     seeds = pooled.meta["seeds"]
     per_seed = []
     for s, r in zip(seeds, results):
