@@ -121,3 +121,9 @@ def organism():
     from interp.models.registry import load
 
     return load("organism")
+
+
+@pytest.fixture(scope="session")
+def one(tiny_adapter, tiny_images):
+    """The trace tests' sample: one image and a presence question (its finding span named), encoded."""
+    return tiny_adapter.encode([tiny_images[0]], ["is there a pleural effusion on the left ? answer :"], [{"finding": (11, 27)}])

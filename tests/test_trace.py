@@ -12,13 +12,6 @@ from interp.trace.patching import Noise, metric_fn, restore_sweep, window_layers
 from interp.trace.reference import reference_trace
 from interp.trace.sweep import read_sweep
 
-PROMPT = "is there a pleural effusion on the left ? answer :"
-
-
-@pytest.fixture(scope="module")
-def one(tiny_adapter, tiny_images):
-    return tiny_adapter.encode([tiny_images[0]], [PROMPT], [{"finding": (11, 27)}])
-
 
 @pytest.fixture(scope="module")
 def metric(tiny_adapter):

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 import xarray as xr
 from PIL import Image
 from plotly.subplots import make_subplots
+from scipy.stats import spearmanr
 
 from interp.report.html import esc, figure_divs, meta_list, table, write_page
 
@@ -29,9 +30,11 @@ MEAN = "mean over samples"
 PANEL_COLS = 6
 IMAGE_PX = 128  # longest side of the embedded background image (repeated per panel and view)
 DECIMALS = 3
-RUN_ATTRS = ("model_id", "weight_hash", "dataset", "dataset_hash", "mode", "corrupt", "metric",
+RUN_ATTRS = ("model_id", "weight_hash", "dataset", "dataset_hash", "mode", "method", "corrupt", "metric",
              "point", "window", "granularity", "grid_rows", "grid_cols", "noise_std", "copies",
-             "seed", "elapsed_s")
+             "seed", "elapsed_s", "elapsed_atp_s")
+TOP_K = 10  # strongest cells whose recall the AtP* agreement reports
+AGREE = 0.9  # AtP* agreement figures below this are flagged
 EFFECT_SCALE = "RdBu_r"
 # Same hues as RdBu_r, transparent at zero so the image shows through where nothing is restored.
 OVERLAY_SCALE = [[0.0, "rgba(5,48,97,0.9)"], [0.3, "rgba(67,147,195,0.75)"],
@@ -45,7 +48,10 @@ HOW_TO_READ = (
     "show the same effect on the patch grid over the input image, one panel per layer, with the "
     "ground-truth finding outlined in green. The ground-truth score is the share of positive effect "
     "on image patches that falls inside the finding; a faithful mechanism scores well above the share "
-    "expected by area. Use each figure's dropdown to switch from the mean to a single sample.")
+    "expected by area. Use each figure's dropdown to switch from the mean to a single sample. With "
+    "attribution patching (method atp or both), effects are AtP* estimates (Kramár et al. 2024): first-order, "
+    "with the attention softmax recomputed exactly at the next block; 'both' shows them beside the exact "
+    "effects with their agreement (cells ranked by AtP*'s GradDrop strength).")
 
 
 def _masses(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray]:
@@ -96,6 +102,39 @@ def score_ci(ds: xr.Dataset, n_boot: int = 1000, level: float = 0.95, seed: int 
 
     return {"layer": ds["layer"].values.tolist(), "ratio": values(ratio(np.arange(n))), "low": values(low),
             "high": values(high), "n_samples": n, "level": level, "n_boot": n_boot}
+
+
+def agreement(exact: np.ndarray, estimate: np.ndarray, strength: np.ndarray, k: int = TOP_K) -> dict:
+    """How AtP* agrees with exact patching on one tower's cells, arrays [sample, layer, position] (NaN: padding):
+    per sample, the Spearman correlation of the signed effects, that of |exact| with the GradDrop strength,
+    and the share of the ``k`` strongest exact cells among AtP*'s ``k`` strongest (mean over samples); per
+    layer, the signed Spearman over every sample's cells; ``flags``: what falls below ``AGREE``."""
+
+    def rho(a: np.ndarray, b: np.ndarray) -> float:
+        keep = ~np.isnan(a) & ~np.isnan(b)
+        return float(spearmanr(a[keep], b[keep])[0]) if keep.sum() > 2 and np.ptp(a[keep]) and np.ptp(b[keep]) else float("nan")
+
+    signed, strong, recall = [], [], []
+    for e, s, m in zip(exact, estimate, strength):
+        signed.append(rho(e.ravel(), s.ravel()))
+        strong.append(rho(np.abs(e).ravel(), m.ravel()))
+        keep = np.flatnonzero(~np.isnan(e.ravel()))
+        top = min(k, len(keep))
+        best = set(keep[np.argsort(-np.abs(e.ravel()[keep]))[:top]])
+        recall.append(len(best & set(keep[np.argsort(-m.ravel()[keep])[:top]])) / max(top, 1))
+    out = {"spearman": float(np.nanmean(signed)), "spearman_strength": float(np.nanmean(strong)),
+           "top_k_recall": float(np.mean(recall)), "k": k, "samples": len(exact),
+           "per_layer": [rho(exact[:, j].ravel(), estimate[:, j].ravel()) for j in range(exact.shape[1])]}
+    out["flags"] = [f"{name} {out[key]:.2f} < {AGREE}" for key, name in
+                    (("spearman", "Spearman (signed)"), ("spearman_strength", "Spearman (strength)"), ("top_k_recall", f"top-{k} recall"))
+                    if out[key] < AGREE]
+    return out
+
+
+def atp_agreement(ds: xr.Dataset, k: int = TOP_K) -> dict:
+    """:func:`agreement` of a tower swept with ``--method both`` (exact ``effect``, AtP*'s ``atp_effect`` and
+    ``atp_magnitude``)."""
+    return agreement(*(ds[v].values for v in ("effect", "atp_effect", "atp_magnitude")), k=k)
 
 
 def _nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -351,6 +390,16 @@ def _samples_table(datasets: Mapping[str, xr.Dataset]) -> str:
     return table(header, rows)
 
 
+def _agreement_html(a: dict, layers: np.ndarray) -> str:
+    """The agreement figures of :func:`agreement` as a table, with what falls below ``AGREE`` flagged."""
+    rows = [["Spearman, signed effects", a["spearman"]], ["Spearman, |exact| vs GradDrop strength", a["spearman_strength"]],
+            [f"top-{a['k']} recall of the strongest exact cells", a["top_k_recall"]]]
+    rows += [[f"Spearman, signed, layer {layer}", v] for layer, v in zip(layers, a["per_layer"])]
+    verdict = (f"AtP* disagrees with exact patching here: {esc('; '.join(a['flags']))}." if a["flags"]
+               else f"AtP* agrees with exact patching (every figure >= {AGREE}).")
+    return f'<p class="note">{verdict} Means over {a["samples"]} samples.</p>' + table(["figure", "value"], rows)
+
+
 def _score_table(name: str, ds: xr.Dataset) -> str:
     """Ground-truth score per layer of one tower (empty when it has no image patches)."""
     score = ground_truth_score(ds)
@@ -381,9 +430,19 @@ def write_sweep_report(datasets: Mapping[str, xr.Dataset], out: str | Path,
              f'<p class="note">{esc(HOW_TO_READ)}</p>']
     if n > max_samples:
         parts.append(f"<p>Dropdowns list the first {max_samples} of {n} samples.</p>")
-    figs = [tower_figure(name, ds, max_samples) for name, ds in datasets.items()]
-    for (name, ds), div in zip(datasets.items(), figure_divs(figs)):
-        parts += [f"<h2>{esc(name)} tower</h2>", meta_list(own[name]), div,
-                  "<h3>Ground-truth score</h3>", _score_table(name, ds)]
+    both = [name for name, ds in datasets.items() if "atp_effect" in ds and ds.attrs.get("method") == "both"]
+    divs = figure_divs([*(tower_figure(name, ds, max_samples) for name, ds in datasets.items()),
+                        *(tower_figure(f"{name} (AtP*)", datasets[name].assign(effect=datasets[name]["atp_effect"]), max_samples)
+                          for name in both)])
+    atp = dict(zip(both, divs[len(datasets):]))
+    for (name, ds), div in zip(datasets.items(), divs):
+        parts += [f"<h2>{esc(name)} tower</h2>", meta_list(own[name])]
+        if name in atp:
+            parts += ['<div style="display:grid;grid-template-columns:1fr 1fr;gap:12px">'
+                      f"<div><h3>exact</h3>{div}</div><div><h3>AtP*</h3>{atp[name]}</div></div>",
+                      "<h3>AtP* against exact patching</h3>", _agreement_html(atp_agreement(ds), ds["layer"].values)]
+        else:
+            parts.append(div)
+        parts += ["<h3>Ground-truth score</h3>", _score_table(name, ds)]
     parts += ["<h2>Samples</h2>", _samples_table(datasets)]
     return write_page(out, title, parts)

@@ -13,6 +13,9 @@ finding removed). Writes ``<out>/sweep.zarr`` (effects [sample, layer, position]
 means the CLIP organism here) - the negated text's states patched into the positive text's per layer
 and token role, CTE = s_traced / s - written to ``<out>/cte.zarr`` (group ``nast``, with the alphas)
 and ``report.html``; it takes --model, --corrupt, --limit, --seed, --device and --out only.
+``--method``: ``exact`` restored runs (at the FLOP floor for causal LMs: ``interp.trace.floor``), ``atp``
+(attribution patching with the AtP* corrections: every cell from one corrupted forward and backward;
+``interp.trace.atp``) or ``both`` (the report shows them side by side with their agreement).
 ``--layer-sweep`` is accepted and optional: the sweep is what this command runs.
 Bad input: one line on stderr, exit code 2, nothing written (``--debug``: tracebacks).
 """
@@ -30,7 +33,7 @@ from typing import Sequence
 
 from interp.cli import (Parser, non_negative_float, non_negative_int, out_dir, positive_float, positive_int, run,
                         torch_device)
-from interp.trace.config import MODES, SweepConfig
+from interp.trace.config import METHODS, MODES, SweepConfig
 
 NAST_IMAGES = 48  # phantoms per data seed in --mode nast
 
@@ -44,6 +47,7 @@ HELP = {
     "prompt": "the prompt for --image; its answer is the model's own top prediction",
     "sites": "sites to sweep (globs); tower and point come from the names (empty: every sweepable tower's resid_post)",
     "mode": "trace (noise + restore, ROME), patch (paired inputs) or nast (CLIP text-encoder negation tracing)",
+    "method": "exact (restored runs), atp (AtP* estimates of every cell from one backward) or both (compared)",
     "corrupt": "; ".join(f"{m}: {', '.join(c)}" for m, c in MODES.items()) + " (first = default)",
     "metric": "LVLMs: prob, logprob or logit_diff (answer minus best alternative answer); dual encoders: logit "
               "(empty: prob / logit)",
@@ -62,7 +66,7 @@ HELP = {
 TYPES = {"window": positive_int, "copies": positive_int, "noise_scale": positive_float, "batch_size": positive_int,
          "limit": positive_int, "min_gap": non_negative_float, "seed": non_negative_int, "device": torch_device,
          "out": out_dir}
-CHOICES = {"mode": tuple(MODES), "lm_positions": ("token", "span")}
+CHOICES = {"mode": tuple(MODES), "method": METHODS, "lm_positions": ("token", "span")}
 
 
 def parser() -> Parser:
@@ -114,7 +118,7 @@ def sweep(cfg: SweepConfig) -> Path:
     from interp.data.catalog import dataset_ref, load_dataset
     from interp.models import load
     from interp.report import write_sweep_report
-    from interp.report.sweep import score_ci
+    from interp.report.sweep import atp_agreement, score_ci
     from interp.store import SampleIndex
     from interp.store.ranks import process_group, rank_device
     from interp.trace.sweep import image_pair, is_lvlm, read_sweep, run_sweep, select_pairs
@@ -150,6 +154,12 @@ def sweep(cfg: SweepConfig) -> Path:
         score = score_ci(ds)
         summary[name] = {"samples": ds.sizes["sample"], "elapsed_s": ds.attrs["elapsed_s"],
                          "peak_mean_effect": float(ds.effect.mean("sample").max()), "ground_truth": score}
+        if "atp_effect" in ds and cfg.method == "both":
+            a = atp_agreement(ds)
+            summary[name] |= {"elapsed_atp_s": ds.attrs["elapsed_atp_s"], "atp_agreement": a}
+            print(f"  AtP* in {ds.attrs['elapsed_atp_s']} s; against exact: Spearman {a['spearman']:.3f} (signed), "
+                  f"{a['spearman_strength']:.3f} (strength); top-{a['k']} recall {a['top_k_recall']:.2f}"
+                  + (f"; DISAGREES: {'; '.join(a['flags'])}" if a["flags"] else ""))
         if any(r is not None for r in score["ratio"]):
             cells = [f"layer {layer} " + ("n/a" if r is None else f"{r:.1f}x" + ("" if lo is None else f" [{lo:.1f}, {hi:.1f}]"))
                      for layer, r, lo, hi in zip(score["layer"], score["ratio"], score["low"], score["high"])]

@@ -9,10 +9,12 @@ from interp.errors import InterpError
 
 MODES = {"trace": ("image", "negation_cue", "finding", "question"), "patch": ("negation", "counterfactual"),
          "nast": ("negation", "noise")}
+#: how restored runs are evaluated: exactly, by attribution patching (AtP*), or both (compared in the report)
+METHODS = ("exact", "atp", "both")
 #: settings a mode does not use: giving one is an error rather than silently ignored
 UNUSED = {"patch": ("copies", "noise_scale", "seed"),
           "nast": ("data", "image", "prompt", "sites", "metric", "window", "lm_positions", "vision_positions", "copies",
-                   "noise_scale", "batch_size", "min_gap")}
+                   "noise_scale", "batch_size", "min_gap", "method")}
 
 
 @dataclass
@@ -25,6 +27,7 @@ class SweepConfig:
     prompt: str = ""
     sites: str = ""  # empty: every sweepable tower's block outputs
     mode: str = "trace"
+    method: str = "exact"
     corrupt: str = ""  # empty: the mode's first choice (image / negation / negation)
     metric: str = ""  # empty: prob for LVLMs, logit for dual encoders
     window: int = 1
@@ -55,6 +58,10 @@ class SweepConfig:
             raise InterpError(f"unknown mode {self.mode!r}: choose {', '.join(MODES)}")
         not_applicable(self.given(UNUSED.get(self.mode, ())), f"to --mode {self.mode}" + (
             " (it traces a CLIP-style text encoder per layer x token role)" if self.mode == "nast" else ""))
+        if self.method not in METHODS:
+            raise InterpError(f"unknown method {self.method!r}: choose {', '.join(METHODS)}")
+        if self.method != "exact" and self.window != 1:
+            raise InterpError(f"--method {self.method} estimates one-layer restores (AtP*): use --window 1")
         if self.prompt and not self.image:
             raise InterpError("--prompt goes with --image (the question asked about that image)")
         if self.image and self.given(("data",)):

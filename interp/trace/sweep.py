@@ -29,6 +29,7 @@ from interp.errors import InterpError
 from interp.models.adapter import Adapter, Batch, Positions
 from interp.store import Field, SampleIndex, StoreWriter, open_store
 from interp.store.ranks import rank_world, write_all
+from interp.trace.atp import atp_sweep
 from interp.trace.config import SweepConfig
 from interp.trace.patching import POINTS, Noise, SweepResult, metric_fn, restore_sweep
 
@@ -224,13 +225,17 @@ def run_sweep(adapter: Adapter, pairs: list[Pair], cfg: SweepConfig, samples: Ca
     stds = {tower: cfg.noise_scale * noise_std(adapter, [(c, noised(adapter, tower, c, cfg.corrupt)) for c, _ in encoded])
             for tower in swept} if cfg.mode == "trace" else {}
 
-    def sweep(i: int, tower: str, layers: list[int], groups: list[list[int]], point: str = "resid_post") -> SweepResult:
+    def sweep(i: int, tower: str, layers: list[int], groups: list[list[int]], point: str = "resid_post",
+              method: str = "exact") -> SweepResult:
         clean, corrupt = encoded[i]
         metric = metric_fn(metric_kind, targets[i][0], targets[i][1:]) if lvlm else (lambda z: z[:, 0].float())
         noise = None
         if stds:
             site, pos = noised(adapter, tower, clean, cfg.corrupt)
             noise = Noise(site, tuple(pos), stds[tower], cfg.copies, cfg.seed)
+        if method == "atp":
+            return atp_sweep(adapter, clean, corrupt, metric, tower=tower, layers=layers, groups=groups, point=point,
+                             noise=noise)
         return restore_sweep(adapter, clean, corrupt, metric, tower=tower, layers=layers,
                              groups=groups, point=point, window=cfg.window, noise=noise, batch_size=cfg.batch_size)
 
@@ -261,26 +266,32 @@ def run_sweep(adapter: Adapter, pairs: list[Pair], cfg: SweepConfig, samples: Ca
                            statics=statics, group_attrs=attrs, meta=meta, chunk_samples=SWEEP_CHUNK,
                            mode="replace", create=create)
 
-    elapsed = dict.fromkeys(names.values(), 0.0)
+    methods = ["exact", "atp"] if cfg.method == "both" else [cfg.method]
+    elapsed = {m: dict.fromkeys(names.values(), 0.0) for m in methods}
 
     def chunk(r: range) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         arrays: dict[str, list] = {}
         for i in (kept[j] for j in r):
             p = candidates[i]
             for (tower, point), layers in towers.items():
-                t0 = time.perf_counter()
                 groups, lab = labels[(i, tower)]
-                res = sweep(i, tower, layers, groups, point)
-                elapsed[names[(tower, point)]] += time.perf_counter() - t0
+                res = {}
+                for m in methods:
+                    t0 = time.perf_counter()
+                    res[m] = sweep(i, tower, layers, groups, point, m)
+                    elapsed[m][names[(tower, point)]] += time.perf_counter() - t0
                 answer = adapter.tokenizer.convert_ids_to_tokens(targets[i][0]) if lvlm else p.item.answer
-                for k, v in _sweep_row(res, lab, mask_fraction(p.mask, lab), answer, fields, names[(tower, point)]).items():
+                row = _sweep_row(res[methods[0]], lab, mask_fraction(p.mask, lab), answer, fields, names[(tower, point)],
+                                 res.get("atp"))
+                for k, v in row.items():
                     arrays.setdefault(k, []).append(v)
             image = np.zeros(fields["image"].shape, np.float32)  # top-left aligned: boxes stay true
             image[: p.clean_image.shape[0], : p.clean_image.shape[1]] = p.clean_image
             arrays.setdefault("image", []).append(image)
         return {k: np.stack(v) for k, v in arrays.items()}, [candidates[kept[j]].clean_image for j in r]
 
-    write_all(open_writer, chunk, "sweep", lambda: {"elapsed_s": {k: round(v, 2) for k, v in elapsed.items()}})
+    write_all(open_writer, chunk, "sweep", lambda: {("elapsed_s" if m == methods[0] else f"elapsed_{m}_s"):
+                                                    {k: round(v, 2) for k, v in elapsed[m].items()} for m in methods})
     return out
 
 
@@ -306,6 +317,9 @@ def _sweep_layout(adapter: Adapter, cfg: SweepConfig, towers: dict, names: dict,
         n = max(len(lab["kind"]) for lab in own)
         cells = [(r, c) for lab in own for k, r, c in zip(lab["kind"], lab["row"], lab["col"]) if k == "image" and r >= 0]
         pos = (n,), ("position",)
+        if cfg.method != "exact":
+            fields |= {f"{name}/{k}": Field((len(layers), n), ("layer", "position"), "float32", float("nan"))
+                       for k in ("atp_effect", "atp_magnitude")}
         fields |= {f"{name}/restored": Field((len(layers), n), ("layer", "position"), "float32", float("nan")),
                    f"{name}/effect": Field((len(layers), n), ("layer", "position"), "float32", float("nan")),
                    f"{name}/clean": Field((), (), "float32", float("nan")),
@@ -320,7 +334,7 @@ def _sweep_layout(adapter: Adapter, cfg: SweepConfig, towers: dict, names: dict,
         statics[f"{name}/layer"] = (("layer",), np.asarray(layers), {})
         attrs[name] = {
             "tower": tower, "mode": cfg.mode, "corrupt": cfg.corrupt if cfg.mode == "trace" else f"pair:{cfg.corrupt}",
-            "metric": metric, "point": point, "window": cfg.window,
+            "metric": metric, "method": cfg.method, "point": point, "window": cfg.window,
             "granularity": cfg.lm_positions if tower == "lm" else cfg.vision_positions,
             "grid_rows": 1 + max((r for r, _ in cells), default=-1), "grid_cols": 1 + max((c for _, c in cells), default=-1),
             "noise_std": stds.get(tower, 0.0), "copies": cfg.copies if cfg.mode == "trace" else 0, "seed": cfg.seed}
@@ -328,17 +342,25 @@ def _sweep_layout(adapter: Adapter, cfg: SweepConfig, towers: dict, names: dict,
 
 
 def _sweep_row(res: SweepResult, labels: dict, fraction: list[float], answer: str, fields: dict[str, Field],
-               name: str) -> dict[str, np.ndarray]:
-    """One sample's arrays of tower ``name``, padded to the stored number of positions."""
+               name: str, atp: SweepResult | None = None) -> dict[str, np.ndarray]:
+    """One sample's arrays of tower ``name``, padded to the stored number of positions (``atp``: AtP*'s
+    estimates too, effect and GradDrop strength normalised by the clean-corrupted gap)."""
     n, m = fields[f"{name}/kind"].shape[0], res.restored.shape[1]
 
     def pad(values: list, key: str) -> np.ndarray:
         f = fields[f"{name}/{key}"]
         return np.array(list(values) + [f.fill] * (n - len(values)), dtype=object if f.dtype == "str" else f.dtype)
 
-    restored = np.full(fields[f"{name}/restored"].shape, np.nan, np.float32)
-    restored[:, :m] = res.restored
-    return {f"{name}/restored": restored, f"{name}/effect": ((restored - res.corrupted) / (res.clean - res.corrupted)).astype(np.float32),
+    def grid(values: np.ndarray) -> np.ndarray:
+        out = np.full(fields[f"{name}/restored"].shape, np.nan, np.float32)
+        out[:, :m] = values
+        return out
+
+    restored = grid(res.restored)
+    gap = res.clean - res.corrupted
+    extra = {} if atp is None else {f"{name}/atp_effect": ((grid(atp.restored) - atp.corrupted) / gap).astype(np.float32),
+                                    f"{name}/atp_magnitude": (grid(atp.magnitude) / abs(gap)).astype(np.float32)}
+    return {**extra, f"{name}/restored": restored, f"{name}/effect": ((restored - res.corrupted) / gap).astype(np.float32),
             f"{name}/clean": np.float32(res.clean), f"{name}/corrupted": np.float32(res.corrupted),
             f"{name}/answer": np.array(answer, dtype=object), f"{name}/valid": np.arange(n) < m,
             f"{name}/mask_fraction": pad(fraction, "mask_fraction"),
@@ -356,5 +378,5 @@ def read_sweep(url: str) -> dict[str, xr.Dataset]:
     for name, node in tree["sweep"].children.items():
         ds = node.to_dataset().assign(image=image).assign_coords(question=tree["prompt"].variable,
                                                                  finding=tree["finding"].variable)
-        out[name] = ds.assign_attrs(elapsed_s=ds.attrs["elapsed_s"][name])
+        out[name] = ds.assign_attrs(**{k: ds.attrs[k][name] for k in ("elapsed_s", "elapsed_atp_s") if k in ds.attrs})
     return out
