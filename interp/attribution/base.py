@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from interp.errors import InterpError
-from interp.models.adapter import Adapter, Batch, Edit, Positions
+from interp.models.adapter import Adapter, Batch, Box, Edit, Positions
 from interp.models.lvlm import Frame
 
 MAX_NEW_TOKENS = 48
@@ -139,6 +139,11 @@ class Scorer:
         return logp.sum(-1)
 
 
+def box_pixels(box: Box) -> tuple[slice, slice]:
+    """The (rows, cols) slices of the pixels a box (input pixels, end-exclusive, maybe fractional) touches."""
+    return slice(int(np.floor(box[0])), int(np.ceil(box[2]))), slice(int(np.floor(box[1])), int(np.ceil(box[3])))
+
+
 def paint(scores: np.ndarray | torch.Tensor, positions: Positions, index: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
     """Scores of tokens ``index`` -> [H, W] map: each pixel gets the mean score of the tokens whose box
     covers it (views of a tiled image overlap: their scores average); uncovered pixels get 0."""
@@ -148,9 +153,9 @@ def paint(scores: np.ndarray | torch.Tensor, positions: Positions, index: Sequen
         box = positions.boxes[i]
         if box is None:
             continue
-        y0, x0, y1, x1 = int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3]))
-        total[y0:y1, x0:x1] += s
-        count[y0:y1, x0:x1] += 1
+        at = box_pixels(box)
+        total[at] += s
+        count[at] += 1
     return np.divide(total, count, out=np.zeros(shape), where=count > 0)
 
 

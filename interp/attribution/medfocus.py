@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from interp import sites as S
-from interp.attribution.base import Attribution, Method, Scorer
+from interp.attribution.base import Attribution, Method, Scorer, box_pixels
 from interp.attribution.medfocus_atlas import Atlas, load_atlas
 from interp.errors import InterpError
 from interp.models.adapter import Adapter
@@ -55,7 +55,7 @@ def coverage(mask: np.ndarray, boxes: list) -> np.ndarray:
     for i, b in enumerate(boxes):
         if b is None:
             continue
-        cell = mask[int(np.floor(b[0])):int(np.ceil(b[2])), int(np.floor(b[1])):int(np.ceil(b[3]))]
+        cell = mask[box_pixels(b)]
         out[i] = cell.mean() if cell.size else 0.0
     return out
 
@@ -177,19 +177,19 @@ class MedFocus(Method):
             logp, _ = scorer.run(base, edit={self.site: patch})
         return (clean - logp).clamp(min=0.0)
 
-    def cells(self, scorer: Scorer, region: np.ndarray) -> np.ndarray:
+    def cells(self, scorer: Scorer, region: np.ndarray, ref: int) -> np.ndarray:
         """A map of each image-token cell's own delta (the cell occluded or patched alone, clipped to
         ``region``) inside ``region``; zero elsewhere."""
         boxes = [scorer.positions.boxes[i] for i in scorer.image_index]
         cells = {}
         for b in boxes:
             cell = np.zeros(region.shape, bool)
-            cell[int(np.floor(b[0])):int(np.ceil(b[2])), int(np.floor(b[1])):int(np.ceil(b[3]))] = True
+            cell[box_pixels(b)] = True
             if (cell & region).any():
                 cells[str(len(cells))] = cell & region
         if not cells:
             return np.zeros(region.shape)
-        delta = self.deltas(scorer, cells, self._reference).sum(-1).numpy()
+        delta = self.deltas(scorer, cells, ref).sum(-1).numpy()
         return np.sum([d * m for d, m in zip(delta, cells.values())], axis=0)
 
     def _attribute(self, scorer: Scorer) -> Attribution:
@@ -198,7 +198,6 @@ class MedFocus(Method):
         masks = {c: m for c, m in masks.items() if m.any()}
         if not masks:
             raise InterpError("medfocus: every concept region is empty on this image")
-        self._reference = ref
         per_token = self.deltas(scorer, masks, ref)
         delta = per_token.sum(-1)
         names = list(masks)
@@ -212,7 +211,7 @@ class MedFocus(Method):
         graded = np.divide((delta.numpy()[:, None, None] * stack).sum(0), count, out=np.zeros(count.shape), where=count > 0)
         region = np.ones(image.shape[:2], bool) if whole else masks[names[best]]
         if self.refine and not whole:  # the winning region on top, ranked within by its cells' own deltas
-            graded = np.where(region, float(delta[best]) + self.cells(scorer, region), np.minimum(graded, float(delta[best])))
+            graded = np.where(region, float(delta[best]) + self.cells(scorer, region, ref), np.minimum(graded, float(delta[best])))
         return self.result(
             scorer, graded, tokens=per_token[best].numpy(), concepts={c: float(d) for c, d in zip(names, delta)},
             region=region,
