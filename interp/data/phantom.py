@@ -405,7 +405,9 @@ def _zone_point(g: _Geometry, f: Finding, rng: np.random.Generator, r: float) ->
     half = abs(g.lateral_x(f.side, v) - cx)
     u = cx + sgn * rng.uniform(0.0, 0.65) * max(half - r, 0.0)  # clear of the heart
     dome = float(g.dome(f.side, np.array(u)))
-    return u, min(v, dome - r - 0.01)
+    # clear of the dome, but never out of the zone: a blob too big for the lower zone is cut by the lung field
+    # (drawing it higher put moderate and large lower-zone consolidations in the middle zone)
+    return u, max(min(v, dome - r - 0.01), lo + 0.3 * r)
 
 
 Layer = tuple[np.ndarray, np.ndarray, bool]  # alpha, value, additive (else alpha-blend)

@@ -28,13 +28,17 @@ FAMILIES = {
     "llava_next": "interp.models.llava_next:LlavaNextAdapter",
 }
 _WEIGHTS = Path(__file__).parent / "weights"
-#: the embedded organisms; ``organism-shortcut`` was trained with a chest tube beside every pneumothorax,
-#: ``clip-organism-biased`` with negated phrases rare in its captions (an affirmation bias, as in medical CLIPs)
-ALIASES = {"organism": _WEIGHTS / "lvlm", "organism-shortcut": _WEIGHTS / "lvlm-shortcut", "clip-organism": _WEIGHTS / "clip",
-           "clip-organism-biased": _WEIGHTS / "clip-biased"}
-TRAIN_HINT = {"organism": "python -m interp.models.train",
-              "organism-shortcut": "python -m interp.models.train --out interp/models/weights/lvlm-shortcut --seed 1 "
-                                   "--confounder-rate 1.0 --confounded pneumothorax --eval-images 100 "
+#: the embedded organisms: ``organism`` is organism v2 (trained under contrast, rotation and chest-tube shifts),
+#: ``organism-v1`` the first one (most README figures before v2 were measured on it), ``organism-shortcut`` v1's
+#: recipe with a chest tube beside every pneumothorax, ``clip-organism-biased`` with negated phrases rare in its
+#: captions (an affirmation bias, as in medical CLIPs)
+ALIASES = {"organism": _WEIGHTS / "lvlm", "organism-v1": _WEIGHTS / "lvlm-v1", "organism-shortcut": _WEIGHTS / "lvlm-shortcut",
+           "clip-organism": _WEIGHTS / "clip", "clip-organism-biased": _WEIGHTS / "clip-biased"}
+TRAIN_HINT = {"organism": "python -m interp.models.train --eval-images 100 --eval-cot-images 40 --shifts",
+              "organism-v1": "python -m interp.models.train --recipe v1 --out interp/models/weights/lvlm-v1 "
+                             "--n-train-images 1500 --eval-images 100 --eval-cot-images 40",
+              "organism-shortcut": "python -m interp.models.train --recipe v1 --out interp/models/weights/lvlm-shortcut "
+                                   "--seed 1 --confounder-rate 1.0 --confounded pneumothorax --eval-images 100 "
                                    "--eval-cot-images 40 --shortcut-table",
               "clip-organism": "python -m interp.models.train_clip",
               "clip-organism-biased": "python -m interp.models.train_clip --steps 800 --negated-rate 0.05 "

@@ -13,6 +13,11 @@ Recipe (why each part is there: see ``--help`` and the README):
    key/value cache is shared by several prompts about that image (exactly the same function
    as the full forward, several times cheaper on CPU).
 
+4. Organism v2 (``--recipe v2``, the default; ``RECIPES`` in ``train_cli``) trains under the shifts it is
+   tested on (``interp.data.shifts``): patient rotation within +-12 degrees (rendered exactly), contrast
+   scaled by 0.5-1.2 per image and step, a chest tube in half the images beside no finding; and a second,
+   location-free per-patch head (one direction per finding, whatever its side or zone).
+
 Deterministic given ``--seed`` and ``--steps`` (``--minutes`` stops on the clock instead).
 ``--confounder-rate`` / ``--confounded`` draw the training phantoms with a chest tube that follows a
 finding: the shortcut organism (``organism-shortcut``; measured by ``interp.models.shortcut``).
@@ -27,7 +32,7 @@ if __name__ == "__main__":
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from interp.data.phantom import CONFOUNDED_FINDING, FINDINGS, SIDES, ZONES, sample_spec
+from interp.data.shifts import Shift, contrast
 from interp.data.vqa import ALL_KINDS, MODES, VQADataset, build_vqa, split_target
 from interp.errors import InterpError
 from interp.models.organism import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, PATCH_SIZE, build_organism
@@ -76,6 +82,12 @@ class TrainConfig:
     # and 1 - confounder_rate of those without (None: no tubes; see sample_spec)
     confounder_rate: float | None = None
     confounded: str = CONFOUNDED_FINDING
+    # augmentation (organism v2): patient rotation drawn in +-aug_rotation degrees instead of the phantom's
+    # own +-4 (0: off), contrast scaled about the image mean by a factor drawn per image and step in
+    # [aug_contrast_min, aug_contrast_max] (interp.data.shifts.contrast; 1, 1: off)
+    aug_rotation: float = 0.0
+    aug_contrast_min: float = 1.0
+    aug_contrast_max: float = 1.0
     # stage 1: vision tower + projector + aux head only
     aux_steps: int = 400
     aux_batch: int = 64
@@ -89,6 +101,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     aux_weight: float = 1.0
     mil_weight: float = 0.3
+    # a second per-patch head on the same features predicting each finding wherever it lies (organism v2):
+    # one linear direction per finding shared by every side and zone (0: off)
+    finding_weight: float = 0.0
     cot_fraction: float = 0.5
     kind_weights: dict = field(default_factory=lambda: {
         "presence": 2.0, "negated": 2.0, "positive": 1.0, "affirmative": 1.0, "laterality": 1.0, "zone": 1.0})
@@ -101,6 +116,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         sample_spec(np.random.default_rng(0), 0.5, self.confounder_rate, self.confounded)  # checks both as the data will
+        if not 0 < self.aug_contrast_min <= self.aug_contrast_max:
+            raise InterpError(f"need 0 < aug_contrast_min <= aug_contrast_max, got {self.aug_contrast_min}, "
+                              f"{self.aug_contrast_max}")
+        if not 0 <= self.aug_rotation <= 45:
+            raise InterpError(f"aug_rotation must be in [0, 45] degrees, got {self.aug_rotation}")
+        unknown = set(self.kind_weights) - set(ALL_KINDS)
+        if unknown:
+            raise InterpError(f"unknown kinds in kind_weights: {sorted(unknown)}; valid: {', '.join(ALL_KINDS)}")
 
     def sizes(self) -> dict[str, int]:
         return {"d_vision": self.d_vision, "n_vision": self.n_vision, "d_lm": self.d_lm, "n_lm": self.n_lm}
@@ -218,24 +241,48 @@ class Trainer:
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) * cfg.d_lm**-0.5)
             head.bias.fill_(-3.0)
         self.aux_head = head
+        self.finding_head = torch.nn.Linear(cfg.d_lm, len(FINDINGS)) if cfg.finding_weight else None
         self.rng = np.random.default_rng([cfg.seed, 7])
+        self.aug_rng = np.random.default_rng([cfg.seed, 13])  # its own stream: recipes without augmentation unchanged
         self.history: list[dict] = []
 
     # --- data
     def load_data(self) -> None:
         cfg = self.cfg
         ds = build_vqa(cfg.n_train_images, cfg.seed, "train", confounder_rate=cfg.confounder_rate, confounded=cfg.confounded)
+        if cfg.aug_rotation:
+            turn = self.aug_rng.uniform(-cfg.aug_rotation, cfg.aug_rotation, len(ds.specs))
+            ds = replace(ds, specs=[replace(s, anatomy=replace(s.anatomy, rotation=float(r)))
+                                    for s, r in zip(ds.specs, turn)])
         self.pool = render_pool(ds, self.tok, self.progress)
+
+    def pixels(self, images) -> torch.Tensor:
+        """Normalised pixels of pool images ``images``, contrast-augmented when the config says so."""
+        x = self.pool.pixels[images]
+        lo, hi = self.cfg.aug_contrast_min, self.cfg.aug_contrast_max
+        if (lo, hi) == (1.0, 1.0):
+            return x
+        return torch.from_numpy(contrast(x.numpy(), self.aug_rng.uniform(lo, hi, len(x))))  # linear: same in [0, 1]
 
     # --- losses
     def aux_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-patch BCE plus an image-level (max over patches, multiple-instance) BCE per finding."""
+        """Per-patch BCE plus an image-level (max over patches, multiple-instance) BCE per finding; with
+        ``finding_weight``, per-patch BCE of the location-free finding head too."""
         logits = self.aux_head(feats)
-        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(4.0))
+        pos = torch.tensor(4.0)
+        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos)
         if self.cfg.mil_weight:
             loss = loss + self.cfg.mil_weight * F.binary_cross_entropy_with_logits(
                 image_logits(logits), (image_logits(labels) > 0).float())
+        if self.finding_head is not None:
+            anywhere = torch.stack([labels[..., g].amax(-1) for g in _GROUPS], -1)
+            loss = loss + self.cfg.finding_weight * F.binary_cross_entropy_with_logits(
+                self.finding_head(feats), anywhere, pos_weight=pos)
         return loss
+
+    def heads(self) -> list[torch.nn.Parameter]:
+        """Parameters of the throw-away auxiliary heads (never saved)."""
+        return [*self.aux_head.parameters(), *(self.finding_head.parameters() if self.finding_head else ())]
 
     def sample_prompts(self, image: int, k: int) -> list:
         items = self.pool.items[image]
@@ -251,7 +298,7 @@ class Trainer:
 
     def answer_step(self, images: np.ndarray) -> dict[str, float]:
         cfg, model = self.cfg, self.model
-        feats = image_features(model, self.pool.pixels[images])
+        feats = image_features(model, self.pixels(images))
         aux = self.aux_loss(feats, self.pool.labels[images])
         cache = prefix_cache(model, feats, cfg.prompts_per_image)
         seqs = [s for i in images for s in self.sample_prompts(int(i), cfg.prompts_per_image)]
@@ -276,12 +323,12 @@ class Trainer:
         vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
         # stage 1: vision + projector + aux head
         if cfg.aux_steps:
-            opt = torch.optim.AdamW(vision + list(self.aux_head.parameters()), lr=cfg.aux_lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(vision + self.heads(), lr=cfg.aux_lr, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.aux_steps, 20))
             bar = tqdm(range(cfg.aux_steps), desc="stage 1 (vision+aux)", disable=not self.progress)
             for step in bar:
                 idx = torch.from_numpy(self.rng.choice(n, min(cfg.aux_batch, n), replace=False))
-                loss = self.aux_loss(image_features(model, self.pool.pixels[idx]), self.pool.labels[idx])
+                loss = self.aux_loss(image_features(model, self.pixels(idx)), self.pool.labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -294,7 +341,7 @@ class Trainer:
         rest = [p for p in model.parameters() if id(p) not in vid]
         opt = torch.optim.AdamW(
             [{"params": vision, "lr": cfg.lr_vision}, {"params": rest, "lr": cfg.lr},
-             {"params": list(self.aux_head.parameters()), "lr": cfg.lr_vision}],
+             {"params": self.heads(), "lr": cfg.lr_vision}],
             weight_decay=cfg.weight_decay,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.steps, cfg.warmup))
@@ -366,13 +413,17 @@ def greedy(model, tok, pixel_values: torch.Tensor, prompts: list[list[int]], max
 
 @torch.no_grad()
 def evaluate(model, tok, n_images: int = 100, seed: int = 1, split: str = "test", kinds=ALL_KINDS,
-             modes=MODES, batch: int = 128, cot_images: int | None = None, progress: bool = False) -> dict:
-    """Accuracy per (kind, mode) on a fresh split; cot answers by greedy decoding. Ground truth = the spec."""
+             modes=MODES, batch: int = 128, cot_images: int | None = None, progress: bool = False,
+             shift: Shift | None = None) -> dict:
+    """Accuracy per (kind, mode) on a fresh split, under ``shift`` if given; cot answers by greedy decoding.
+    Ground truth = the spec."""
     from tqdm import tqdm
 
     model.eval()
     ds = build_vqa(n_images, seed, split, kinds=kinds, modes=modes)
-    pix = normalise(np.stack([ds.image(i) for i in range(n_images)]))
+    seen = ds if shift is None else shift.dataset(ds)
+    images = np.stack([seen.image(i) for i in range(n_images)])
+    pix = normalise(images if shift is None else shift.pixels(images))
     vocab = tok.get_vocab()
     groups: dict[tuple[str, int], list] = {}
     for it in ds.items:
@@ -411,4 +462,20 @@ def format_table(metrics: dict) -> str:
             r = metrics.get(f"{k}/{m}")
             cells.append(f"{r['acc']:>10.3f} (n={r['n']:>4})" if r else f"{'-':>18}")
         lines.append(f"{k:<12}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def format_shifts(base: dict, shifted: dict[str, dict]) -> str:
+    """Accuracy per (kind, mode) unshifted and under each shift; last line the most points any shift loses."""
+    keys = [k for k in base if all(k in m for m in shifted.values())]
+    lines = [f"{'kind/mode':<20}{'none':>8}" + "".join(f"{name:>15}" for name in shifted)]
+    worst = (0.0, "", "")
+    for k in keys:
+        cells = []
+        for name, m in shifted.items():
+            lost = 100 * (base[k]["acc"] - m[k]["acc"])
+            worst = max(worst, (lost, name, k))
+            cells.append(f"{m[k]['acc']:>8.3f} ({-lost:+4.0f})")
+        lines.append(f"{k:<20}{base[k]['acc']:>8.3f}" + "".join(cells))
+    lines.append(f"most points lost: {worst[0]:.1f} ({worst[1]}, {worst[2]})")
     return "\n".join(lines)
