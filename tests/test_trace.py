@@ -134,7 +134,7 @@ def organism_dir(tmp_path_factory):
 )
 def test_cli_bad_input(organism_dir, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    assert main(["--layer-sweep", "--model", str(organism_dir), "--out", str(out), *args]) == 2
+    assert main(["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--limit", "2", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert not out.exists() and not list(tmp_path.glob(".sweep-*"))
@@ -172,7 +172,8 @@ def test_cli_missing_weights(tmp_path, capsys):
 
 def test_cli_end_to_end(organism_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = ["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--limit", "2", "--copies", "2", "--min-gap", "0",
+    args = ["--layer-sweep", "--model", str(organism_dir), "--out", str(out), "--mode", "trace", "--corrupt", "image",
+            "--limit", "2", "--copies", "2", "--min-gap", "0",
             "--sites", "vision.blocks.1.resid_post,lm.blocks.0.resid_post,lm.blocks.3.resid_post",
             "--vision-positions", "block4", "--lm-positions", "span"]
     assert main(args) == 0
@@ -180,6 +181,8 @@ def test_cli_end_to_end(organism_dir, tmp_path, capsys):
     towers = read_sweep(str(out / "sweep.zarr"))
     lm, vision = towers["lm"], towers["vision"]
     assert lm.sizes["sample"] == 2 and list(lm.layer.values) == [0, 3]
+    assert lm.attrs["noise_scale"] == 3.0 and lm.attrs["calibration"] == {}  # ROME's fixed 3 x std
+    assert lm.attrs["noise_std"] > 0 and not lm.attrs["circular"]
     assert set(lm.token.values[0]) >= {"image", "finding", "question"}
     assert vision.sizes["position"] == 1 + 4  # CLS + 2x2 blocks of 4x4 patches
     # restoring every position of the last LM layer's output restores the clean run exactly

@@ -31,8 +31,8 @@ PANEL_COLS = 6
 IMAGE_PX = 128  # longest side of the embedded background image (repeated per panel and view)
 DECIMALS = 3
 RUN_ATTRS = ("model_id", "weight_hash", "dataset", "dataset_hash", "mode", "method", "corrupt", "metric",
-             "point", "window", "granularity", "grid_rows", "grid_cols", "noise_std", "copies",
-             "seed", "elapsed_s", "elapsed_atp_s")
+             "point", "window", "granularity", "grid_rows", "grid_cols", "noise_std", "noise_scale", "copies",
+             "seed", "elapsed_s", "elapsed_atp_s", "localisation")
 TOP_K = 10  # strongest cells whose recall the AtP* agreement reports
 AGREE = 0.9  # AtP* agreement figures below this are flagged
 EFFECT_SCALE = "RdBu_r"
@@ -48,7 +48,9 @@ HOW_TO_READ = (
     "show the same effect on the patch grid over the input image, one panel per layer, with the "
     "ground-truth finding outlined in green. The ground-truth score is the share of positive effect "
     "on image patches that falls inside the finding; a faithful mechanism scores well above the share "
-    "expected by area. Use each figure's dropdown to switch from the mean to a single sample. With "
+    "expected by area (with noise on the thorax only, counted over the thorax's patches); a corruption that "
+    "changes the image only on the finding (counterfactual) makes that score circular at the first layers. "
+    "Use each figure's dropdown to switch from the mean to a single sample. With "
     "attribution patching (method atp or both), effects are AtP* estimates (Kramár et al. 2024): first-order, "
     "with the attention softmax recomputed exactly at the next block; 'both' shows them beside the exact "
     "effects with their agreement (cells ranked by AtP*'s GradDrop strength).")
@@ -56,8 +58,11 @@ HOW_TO_READ = (
 
 def _masses(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray]:
     """Per sample (and layer): positive effect mass on the finding's patches and on all image patches,
-    and the number of finding patches and of image patches."""
+    and the number of finding patches and of image patches (only those of the corrupted ``region`` where a
+    sweep records one: noise on the thorax makes chance the finding's share of the thorax)."""
     patch = (ds["kind"] == "image") & (ds["row"] >= 0)
+    if "region" in ds:
+        patch = patch & ds["region"]
     finding = patch & (ds["mask_fraction"] > 0)
     positive = ds["effect"].clip(min=0).fillna(0).where(patch, 0)
     return positive.where(finding, 0).sum("position"), positive.sum("position"), finding.sum("position"), patch.sum("position")
@@ -85,7 +90,8 @@ def ground_truth_score(ds: xr.Dataset) -> xr.Dataset:
 
 def score_ci(ds: xr.Dataset, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
     """Per layer: the pooled ground-truth ratio (share of positive effect on the finding over the share
-    expected by area; 1 = no better than area) and its bootstrap CI over samples (None where undefined)."""
+    expected by area; 1 = no better than area, 1 / expected = all of it on the finding) and its bootstrap CI
+    over samples, the pooled ``share``, and the ``expected`` share (None where undefined)."""
     hit, mass, n_finding, n_patch = (a.values for a in _masses(ds))  # [sample, layer] / [sample]
 
     def ratio(rows: np.ndarray) -> np.ndarray:
@@ -97,11 +103,30 @@ def score_ci(ds: xr.Dataset, n_boot: int = 1000, level: float = 0.95, seed: int 
     with warnings.catch_warnings():  # a layer with no defined ratio in any resample: NaN bounds
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    def values(a: np.ndarray) -> list[float | None]:  # JSON-ready: None where undefined
-        return [float(x) if np.isfinite(x) else None for x in a]
+
+    def value(x: float) -> float | None:  # JSON-ready: None where undefined
+        return float(x) if np.isfinite(x) else None
+
+    def values(a: np.ndarray) -> list[float | None]:
+        return [value(x) for x in a]
 
     return {"layer": ds["layer"].values.tolist(), "ratio": values(ratio(np.arange(n))), "low": values(low),
-            "high": values(high), "n_samples": n, "level": level, "n_boot": n_boot}
+            "high": values(high), "share": values(_ratio(hit.sum(0), mass.sum(0))),
+            "expected": value(_ratio(n_finding.sum(), n_patch.sum())), "n_samples": n,
+            "level": level, "n_boot": n_boot}
+
+
+def sweep_summary(ds: xr.Dataset) -> dict:
+    """One tower's figures as ``summary.json`` holds them: samples (per finding), time, peak mean effect, the
+    ground-truth score with its bootstrap CI (:func:`score_ci`) pooled and per finding, the noise scale and
+    calibration (trace mode) and what the corruption lets the score say (``circular``, ``localisation``)."""
+    findings = ds["finding"].values.astype(str)
+    per = {f: int((findings == f).sum()) for f in sorted(set(findings))}
+    return {"samples": ds.sizes["sample"], "per_finding": per, "elapsed_s": ds.attrs["elapsed_s"],
+            "peak_mean_effect": float(ds.effect.mean("sample").max()), "ground_truth": score_ci(ds),
+            "ground_truth_by_finding": {f: score_ci(ds.isel(sample=np.flatnonzero(findings == f))) for f in per},
+            **{k: ds.attrs[k] for k in ("corrupt", "noise_scale", "calibration", "circular", "localisation")
+               if k in ds.attrs}}
 
 
 def agreement(exact: np.ndarray, estimate: np.ndarray, strength: np.ndarray, k: int = TOP_K) -> dict:
