@@ -2,17 +2,19 @@
 larger random model of the same family (vision 6 x 256 at 224 px, LM 8 x 512), in one run.
 
     python benchmarks/layer_sweep.py [--samples 2] [--repeats 3] [--large-repeats 1] [--models organism,large]
+                                     [--organism organism] [--noise-scale 3] [--second-scale 0.3]
                                      [--json reports/bench/layer_sweep.json]
 
 ROME tracing with the image corrupted (LM tower: noise on the LM's image tokens; vision tower: on the patch
-embeddings; 10 noised copies), every layer x every position, per tower:
+embeddings; 10 noised copies, ``--noise-scale`` x the noised values' std), every layer x every position, per tower:
 - loop: ROME's per-cell loop with PyTorch hooks (``interp.trace.reference.reference_trace``), one forward of
   [clean, copies] per cell, on an un-instrumented model;
 - nnsight: the same loop with one plain-nnsight trace per cell (nnsight cannot batch LLaVA invokes);
 - exact: ``restore_sweep`` (``interp.trace.floor`` on causal LMs: prefix reuse, answer-only last block, SDPA;
   the vision tower as it is); the same numbers as the loop (max |diff| printed);
-- atp: ``atp_sweep`` (AtP* with the QK fix and GradDrop: one backward, then a partial one per block);
-- atp1: the same without GradDrop (one backward; the strength is then |estimate|).
+- atp: ``atp_sweep`` (AtP* with the QK fix and GradDrop: one forward and backward, the LM called block by block
+  up to the answer; GradDrop's partial backwards only through the blocks between a dropped block and a cell);
+- atp1: the same without GradDrop (the strength is then |estimate|).
 One torch thread, timed in process CPU time (time slices other work takes on a shared machine do not
 count); each repeat runs every method once, in turn; medians over repeats. FLOPs are counted
 (``figures.count_flops``). The FLOP floor is the exact sweep's count with no batch sharing a prefix across
@@ -21,7 +23,10 @@ On the larger model the loops time ``--loop-cells`` cells (a forward each) and t
 layer at ``--large-positions`` positions (the centres of equal bins: its cost per position falls
 linearly towards the answer) over its clean and corrupted runs (timed alone too); both are scaled to
 every cell. AtP* runs every cell. Agreement of AtP* with exact patching (organism, samples whose corruption moves p(answer)
-by >= 0.1): Spearman of signed effects and of |exact| vs GradDrop strength, top-10 recall.
+by >= 0.1): Spearman of signed effects and of |exact| vs GradDrop strength, top-10 recall; the same at
+``--second-scale`` x the std (same samples, not timed): a first-order estimate must meet the exact sweep as the
+noise shrinks, so the gap between the two scales is the corruption's nonlinearity. ``--organism``: an alias or
+folder of the organism (default: the embedded one).
 Last lines (organism): ``lm_speedup_vs_loop``, ``vision_speedup_vs_loop``, ``atp_speedup_vs_exact`` (both
 towers) and ``floor_share`` (the lower of the two towers).
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +47,8 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from interp.data.catalog import load_dataset
 from interp.models import load
 from interp.models.llava import LlavaAdapter
-from interp.models.organism import CHAT_TEMPLATE, LVLM_DIR, image_processor, organism_config, organism_tokenizer
+from interp.models.organism import CHAT_TEMPLATE, image_processor, organism_config, organism_tokenizer
+from interp.models.registry import ALIASES
 from interp.report.sweep import agreement
 from interp.trace import floor
 from interp.trace.atp import atp_sweep
@@ -52,6 +58,7 @@ from interp.trace.sweep import SweepConfig, noise_std, noised, position_groups, 
 
 METHODS = ("loop", "nnsight", "exact", "atp", "atp1")  # atp1: AtP with the QK fix, no GradDrop (one backward)
 MIN_GAP = 0.1
+TRACE = dict(mode="trace", corrupt="image", data="phantom-test")  # ROME tracing, image noised (not the CLI's defaults)
 
 
 def nnsight_trace(model: NNsight, inputs: dict[str, torch.Tensor], answer: int, metric: Metric, *, tower: str,
@@ -102,22 +109,18 @@ def bench_model(name: str, adapter, plain: torch.nn.Module, wrapped: NNsight, pa
                 full: bool) -> dict:
     """Time and count every method on every tower of one model over ``pairs`` (``full``: every cell; else the
     subsets, scaled to every cell); per tower: the figures."""
-    cfg = SweepConfig(limit=len(pairs))
+    cfg = SweepConfig(**TRACE, limit=len(pairs))
     batches = [adapter.encode([p.clean_image], [p.item.prompt], [p.item.spans]) for p in pairs]
     timed = (*METHODS, *(() if full else ("fixed",)))  # fixed: the exact sweep's clean and corrupted runs alone
     out = {}
     for tower in ("lm", "vision"):
-        std = cfg.noise_scale * noise_std(adapter, [(b, noised(adapter, tower, b, "image")) for b in batches])
+        sigma = noise_std(adapter, [(b, noised(adapter, tower, b, "image")) for b in batches])
+        std = args.noise_scale * sigma
         layers = list(range(adapter.n_layers(tower)))
         jobs: dict[str, list[Callable]] = {m: [] for m in timed}
         cells = dict.fromkeys(timed, 0)
         total, checks = 0, []
-        for pair, b in zip(pairs, batches):
-            ids = adapter.tokenizer.convert_tokens_to_ids([pair.item.answer, *pair.alternatives])
-            metric = metric_fn("prob", ids[0], ids[1:])
-            site, positions = noised(adapter, tower, b, "image")
-            kw = dict(tower=tower, noise=Noise(site, tuple(positions), std, cfg.copies, cfg.seed))
-            groups = position_groups(adapter, tower, b, cfg)[0]
+        for b, metric, groups, kw in _sweeps(adapter, tower, pairs, batches, cfg, std):
             answer, inputs = int(b.answer_index[0]), b.model_inputs()
             some = groups if full else subset(groups, args.large_positions)
             loop_layers, loop_groups = (layers, groups) if full else (subset(layers, 1), subset(groups, args.loop_cells))
@@ -178,8 +181,25 @@ def bench_model(name: str, adapter, plain: torch.nn.Module, wrapped: NNsight, pa
         if full:
             row["agreement"] = _agreement(results["exact"], results["atp"])
             row["agreement_without_graddrop"] = _agreement(results["exact"], results["atp1"])
+            if args.second_scale:
+                second = [(restore_sweep(adapter, b, b, metric, layers=layers, groups=g, **kw),
+                           atp_sweep(adapter, b, b, metric, layers=layers, groups=g, **kw))
+                          for b, metric, g, kw in _sweeps(adapter, tower, pairs, batches, cfg, args.second_scale * sigma)]
+                row["agreement_at_second_scale"] = {"scale": args.second_scale, **_agreement(*zip(*second), min_gap=0.0)}
         out[tower] = row
         _print_tower(name, tower, row, len(layers))
+    return out
+
+
+def _sweeps(adapter, tower: str, pairs: list, batches: list, cfg: SweepConfig, std: float) -> list[tuple]:
+    """Per pair, a sweep of every position group of ``tower`` with noise of ``std``: (batch, metric, groups,
+    keywords of ``restore_sweep`` / ``atp_sweep`` but layers and groups)."""
+    out = []
+    for pair, b in zip(pairs, batches):
+        ids = adapter.tokenizer.convert_tokens_to_ids([pair.item.answer, *pair.alternatives])
+        site, positions = noised(adapter, tower, b, "image")
+        out.append((b, metric_fn("prob", ids[0], ids[1:]), position_groups(adapter, tower, b, cfg)[0],
+                    dict(tower=tower, noise=Noise(site, tuple(positions), std, cfg.copies, cfg.seed))))
     return out
 
 
@@ -193,9 +213,9 @@ def _diff(check: tuple, results: dict, i: int) -> float:
     return float(max(gaps))
 
 
-def _agreement(exact: list, atp: list) -> dict:
-    """AtP* against exact patching over the samples whose corruption moves the metric by >= MIN_GAP."""
-    kept = [(e, a) for e, a in zip(exact, atp) if abs(e.clean - e.corrupted) >= MIN_GAP]
+def _agreement(exact: Sequence, atp: Sequence, min_gap: float = MIN_GAP) -> dict:
+    """AtP* against exact patching over the samples whose corruption moves the metric by >= ``min_gap``."""
+    kept = [(e, a) for e, a in zip(exact, atp) if abs(e.clean - e.corrupted) >= min_gap]
     if not kept:
         return {"samples": 0}
     width = max(e.restored.shape[1] for e, _ in kept)
@@ -220,7 +240,9 @@ def _print_tower(name: str, tower: str, row: dict, n_layers: int) -> None:
           f"{row['speedup_vs_nnsight']:.1f}x; AtP* vs exact {row['atp_speedup_vs_exact']:.1f}x "
           f"({row['atp1_speedup_vs_exact']:.1f}x without GradDrop); "
           f"max |diff| vs loop {row['max_abs_diff_vs_loop']:.1e}")
-    for key, what in (("agreement", "AtP*"), ("agreement_without_graddrop", "without GradDrop")):
+    second = row.get("agreement_at_second_scale", {}).get("scale")
+    for key, what in (("agreement", "AtP*"), ("agreement_without_graddrop", "without GradDrop"),
+                      ("agreement_at_second_scale", f"AtP* at {second} x the noise")):
         a = row.get(key)
         if a and a["samples"]:
             print(f"  {what} vs exact ({a['samples']} samples): Spearman {a['spearman']:.3f} signed, {a['spearman_strength']:.3f} "
@@ -228,10 +250,10 @@ def _print_tower(name: str, tower: str, row: dict, n_layers: int) -> None:
                   + (f"; flagged: {'; '.join(a['flags'])}" if a["flags"] else ""))
 
 
-def organism_pairs(adapter, n: int) -> list:
-    """The first ``n`` phantom test pairs (ROME tracing, image corrupted) whose corruption moves p(answer) by
-    >= MIN_GAP on both towers, as the sweep CLI keeps them."""
-    cfg = SweepConfig(limit=4 * n)
+def organism_pairs(adapter, n: int, scale: float) -> list:
+    """The first ``n`` phantom test pairs (ROME tracing, image corrupted at ``scale`` x the std) whose corruption
+    moves p(answer) by >= MIN_GAP on both towers, as the sweep CLI keeps them."""
+    cfg = SweepConfig(**TRACE, limit=4 * n, noise_scale=scale)
     pairs = select_pairs(load_dataset(cfg.data), cfg)
     batches = [adapter.encode([p.clean_image], [p.item.prompt], [p.item.spans]) for p in pairs]
     stds = {t: cfg.noise_scale * noise_std(adapter, [(b, noised(adapter, t, b, "image")) for b in batches]) for t in ("lm", "vision")}
@@ -259,17 +281,22 @@ def main() -> None:
     p.add_argument("--large-positions", type=int, default=2, help="positions the exact sweep times on the larger model")
     p.add_argument("--loop-cells", type=int, default=2, help="cells the loops time on the larger model")
     p.add_argument("--models", default="organism,large")
+    p.add_argument("--organism", default="organism", help="alias or folder of the organism")
+    p.add_argument("--noise-scale", type=float, default=3.0, help="the noise std in units of the noised values' std")
+    p.add_argument("--second-scale", type=float, default=0.3, help="AtP*'s agreement at this scale too (0: not)")
     p.add_argument("--json", default="reports/bench/layer_sweep.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    figures: dict = {"benchmark": "layer_sweep", "threads": 1, "samples": args.samples, "repeats": args.repeats}
-    adapter = load("organism")
-    pairs = organism_pairs(adapter, args.samples)
-    print(f"{len(pairs)} samples, {SweepConfig().copies} noise copies, 1 torch thread, methods interleaved, medians of "
+    figures: dict = {"benchmark": "layer_sweep", "threads": 1, "samples": args.samples, "repeats": args.repeats,
+                     "organism_model": args.organism, "noise_scale": args.noise_scale}
+    adapter = load(args.organism)
+    pairs = organism_pairs(adapter, args.samples, args.noise_scale)
+    print(f"{len(pairs)} samples, {SweepConfig(**TRACE).copies} noise copies, 1 torch thread, methods interleaved, medians of "
           f"{args.repeats} (organism) / {args.large_repeats} (larger model) repeats")
     for name in args.models.split(","):
         if name == "organism":
-            plain, other = (LlavaForConditionalGeneration.from_pretrained(LVLM_DIR, attn_implementation="eager").eval()
+            path = ALIASES.get(args.organism, args.organism)
+            plain, other = (LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
                             for _ in range(2))
             figures["organism"] = bench_model("organism", adapter, plain, NNsight(other), pairs, args, args.repeats, True)
         else:

@@ -9,7 +9,8 @@ block's output needs no block at all. Attention goes through SDPA (no pattern is
 The LM's own decoder layers are called (family code, not a re-implementation), with the cached
 prefix passed as their ``past_key_values``; :meth:`CausalLM.of` finds them from the adapter's site
 map, and :meth:`CausalLM.corrupted` checks the floor path reproduces the adapter's corrupted run
-(else the caller takes the generic path).
+(else the caller takes the generic path). ``interp.trace.atp`` runs its forwards (with gradients, no
+prefix) through :meth:`CausalLM.block` too.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class _Prefix:
 def _after(prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """[rows, heads, p + q, head dim]: each row's copy of ``prefix`` (rows cycle through its copies), then ``new``."""
     (copies, heads, p, dim), (rows, _, q, _) = prefix.shape, new.shape
+    if not p:
+        return new
     out = new.new_empty(rows, heads, p + q, dim)
     out.view(rows // copies, copies, heads, p + q, dim)[:, :, :, :p] = prefix
     out[:, :, p:] = new
@@ -94,6 +97,23 @@ class CausalLM:
         finally:
             self.config._attn_implementation = old
 
+    def rope(self, h: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables (cos, sin) of positions 0..``positions`` - 1 for states like ``h``."""
+        return self.rotary(h, torch.arange(positions, device=h.device)[None])
+
+    def block(self, j: int, h: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> torch.Tensor:
+        """Block ``j`` on states ``h`` [rows, q, d] of positions p.. (``cos``, ``sin``: their rotary tables; ``mask``
+        [1, 1, q, p + q]) after earlier positions' keys and values ``k``, ``v`` [copies, kv heads, p, head dim]:
+        [rows, q, d]; the last block runs for the last position's query only (the others give keys and values):
+        [rows, 1, d]."""
+        layer = self.layers[j]
+        if j < self.n - 1:
+            return _out(layer(h, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=_Prefix(k, v)))
+        k_new, v_new = self.kv(j, h, cos, sin)  # the last position's own included: it attends to itself
+        return _out(layer(h[:, -1:], attention_mask=mask[:, :, -1:], position_embeddings=(cos[:, -1:], sin[:, -1:]),
+                          past_key_values=_Prefix(_after(k, k_new), _after(v, v_new), complete=True)))
+
     def kv(self, j: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of block ``j`` for inputs ``h`` [rows, q, d]: [rows, kv heads, q, head dim]."""
         attn = self.layers[j].self_attn
@@ -122,8 +142,7 @@ class CausalLM:
         rows = len(expected)
         with torch.no_grad(), self.sdpa():
             got = self.logits(run.advance(states[start][:, p : answer + 1].clone(), torch.full((rows,), start), p))
-        scale = float(expected.abs().max()) or 1.0
-        return run if torch.allclose(got, expected.to(got.dtype), atol=CHECK_TOL * scale, rtol=CHECK_TOL) else None
+        return run if matches(got, expected) else None
 
 
 class Corrupted:
@@ -132,16 +151,10 @@ class Corrupted:
 
     def __init__(self, lm: CausalLM, states: list[torch.Tensor], attention_mask: torch.Tensor, answer: int) -> None:
         self.lm, self.states, self.answer = lm, states, answer
-        seq = states[0].shape[1]
         with torch.no_grad():
-            self.cos, self.sin = lm.rotary(states[0], torch.arange(seq, device=states[0].device)[None])
+            self.cos, self.sin = lm.rope(states[0], states[0].shape[1])
             self.kv = [lm.kv(j, states[j], self.cos, self.sin) for j in range(lm.n)]
         self.keys = attention_mask[0, : answer + 1].bool()
-
-    def _mask(self, p: int) -> torch.Tensor:
-        """[1, 1, queries p..answer, keys 0..answer]: causal and not padding."""
-        q = torch.arange(p, self.answer + 1)[:, None]
-        return ((torch.arange(self.answer + 1)[None] <= q) & self.keys)[None, None]
 
     def advance(self, h: torch.Tensor, starts: torch.Tensor, p: int,
                 after: Callable[[int, torch.Tensor], None] | None = None,
@@ -152,28 +165,35 @@ class Corrupted:
         blocks before s ran; ``edits(j, first)`` is held while block j runs on positions first..answer
         (counted from p)."""
         lm, a = self.lm, self.answer
-        mask = self._mask(p)
+        mask = causal_mask(self.keys, p)
         cos, sin = self.cos[:, p : a + 1], self.sin[:, p : a + 1]
         for j in range(int(starts[0]), lm.n):
             c = int((starts <= j).sum())
-            k, v = self.kv[j][0][:, :, :p], self.kv[j][1][:, :, :p]
-            layer = lm.layers[j]
-            if j < lm.n - 1:
-                with edits(j, 0) if edits else nullcontext():
-                    out = _out(layer(h[:c], attention_mask=mask, position_embeddings=(cos, sin), past_key_values=_Prefix(k, v)))
-                    if c == len(h):
-                        h = out
-                    else:
-                        h[:c] = out
-            else:  # the answer's query only: the other positions give keys and values
-                k_new, v_new = lm.kv(j, h[:c], cos, sin)  # the answer's own included: it attends to itself
-                with edits(j, a - p) if edits else nullcontext():
-                    h[:c, -1] = _out(layer(h[:c, -1:], attention_mask=mask[:, :, -1:],
-                                           position_embeddings=(cos[:, -1:], sin[:, -1:]),
-                                           past_key_values=_Prefix(_after(k, k_new), _after(v, v_new), complete=True)))[:, 0]
+            with edits(j, 0 if j < lm.n - 1 else a - p) if edits else nullcontext():
+                out = lm.block(j, h[:c], mask, cos, sin, self.kv[j][0][:, :, :p], self.kv[j][1][:, :, :p])
+            if j == lm.n - 1:  # the answer's row only
+                h[:c, -1] = out[:, 0]
+            elif c == len(h):
+                h = out
+            else:
+                h[:c] = out
             if after:
                 after(j + 1, h)
         return h[:, -1]
+
+
+def matches(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether answer logits ``got`` reproduce the adapter's ``expected`` (``CHECK_TOL``, relative to their largest)."""
+    scale = float(expected.abs().max()) or 1.0
+    return torch.allclose(got, expected.to(got.dtype), atol=CHECK_TOL * scale, rtol=CHECK_TOL)
+
+
+def causal_mask(keys: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[1, 1, queries p..len(keys) - 1, keys]: causal and not padding (``keys``: which positions are not), boolean, or
+    additive in ``dtype`` (0 or its lowest value: eager attention adds it)."""
+    q = torch.arange(p, len(keys), device=keys.device)[:, None]
+    ok = ((torch.arange(len(keys), device=keys.device)[None] <= q) & keys)[None, None]
+    return ok if dtype is None else torch.zeros(ok.shape, dtype=dtype, device=keys.device).masked_fill_(~ok, torch.finfo(dtype).min)
 
 
 def _out(x: torch.Tensor | tuple) -> torch.Tensor:
