@@ -185,6 +185,23 @@ def test_mode_follows_the_command_line(argv, mode, corrupt):
     assert (cfg.mode, cfg.corrupt) == (mode, corrupt)
 
 
+@pytest.mark.parametrize("argv,lvlm,data", [
+    ([], True, "phantom-test:200"),
+    (["--mode", "patch", "--corrupt", "negation"], True, "phantom-test"),  # needs negated/positive statements
+    (["--corrupt", "negation_cue"], True, "phantom-test"),
+    ([], False, "phantom-test"),
+    (["--data", "phantom-val"], True, "phantom-val"),
+])
+def test_default_data_has_the_items_the_corruption_needs(argv, lvlm, data):
+    from interp.data.catalog import load_dataset
+    from interp.trace.sweep import select_pairs
+
+    cfg = parse_args(argv)
+    assert cfg.data_for(lvlm) == data
+    if data.startswith("phantom-test"):
+        assert select_pairs(load_dataset(data), cfg, lvlm)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--mode", "patch", "--noise-scale", "auto"], "--noise-scale does not apply to --mode patch"),
     (["--corrupt", "normal", "--copies", "2"], "--copies does not apply to --mode patch"),

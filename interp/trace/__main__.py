@@ -102,7 +102,7 @@ HELP = {
     "out": "output folder (sweep.zarr, or cte.zarr in --mode nast, + report.html)",
 }
 #: defaults shown by --help where the field's own default means "decided by other settings"
-SHOWN = {"data": f"{LVLM_DATA} for LVLMs, {DUAL_DATA} for dual encoders",
+SHOWN = {"data": f"{LVLM_DATA} for LVLMs with the image corrupted, else {DUAL_DATA}",
          "mode": "that of --corrupt; else trace with --image, --copies, --noise-scale or --seed; else patch",
          "corrupt": "the mode's first",
          "limit": f"{SWEEP_LIMIT}; --mode nast: {NAST_LIMIT}"}

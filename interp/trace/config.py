@@ -35,8 +35,9 @@ AUTO = "auto"  # --noise-scale calibrated per data set (interp.trace.sweep.calib
 NOISE_GRID = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 CALIBRATION_SAMPLES = 4  # correctly answered candidates per finding that calibrate the noise scale
 CALIBRATION_SHARE = 0.75  # share of them the calibrated noise must move by --min-gap
-#: default --data: for LVLMs 200 phantoms asked about the findings in turn (presence questions; enough to keep
-#: >= 5 of every finding), for dual encoders the split with positive statements "there is a X ."
+#: default --data: for LVLMs with the image corrupted 200 phantoms asked about the findings in turn (presence
+#: questions; enough to keep >= 5 of every finding), else the split with every question kind (negated and
+#: positive statements)
 LVLM_DATA, DUAL_DATA = "phantom-test:200", "phantom-test"
 SWEEP_LIMIT = 40  # default samples of a sweep (kept round-robin over findings: 8 each of the 5 phantom findings)
 NAST_LIMIT = 4  # default pairs per data seed of --mode nast
@@ -79,8 +80,9 @@ class SweepConfig:
         self.limit = self.limit or (NAST_LIMIT if self.mode == "nast" else SWEEP_LIMIT)
 
     def data_for(self, lvlm: bool) -> str:
-        """--data, or the default for an LVLM (``lvlm``) or a dual encoder."""
-        return self.data or (LVLM_DATA if lvlm else DUAL_DATA)
+        """--data, or the default for an LVLM (``lvlm``) corrupting the image, else (a dual encoder, or text
+        corruptions, which need every question kind) the phantom test split."""
+        return self.data or (LVLM_DATA if lvlm and self.corrupt in IMAGE_CORRUPTIONS else DUAL_DATA)
 
     def block(self, tower: str) -> int:
         """Patches per side of one restored vision group (1 = per patch)."""
