@@ -163,7 +163,9 @@ def test_grad_cam_matches_captum(organism, scorer):
 
     cam = LayerGradCam(forward, layer).attribute(grid, relu_attributions=True)[0, 0, r, c]
     ours = method._attribute(scorer).map
-    assert ours.max() > 1e-5  # the organism is confident (log p ~ -0.01): small gradients, compared relative to the map's scale
+    # not an all-zero map; the organism is confident (log p ~ -0.01, v2 more so): small gradients (max ~7e-6),
+    # compared relative to the map's scale
+    assert ours.max() > 1e-7 and ours.std() > 1e-3 * ours.max()
     np.testing.assert_allclose(ours / ours.max(), paint(cam, pos, index, scorer.sample.image.shape[:2]) / ours.max(), atol=1e-6)
     assert not np.allclose(GradCamPlusPlus(organism)._attribute(scorer).map / ours.max(), ours / ours.max())
 

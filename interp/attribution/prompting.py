@@ -63,8 +63,9 @@ class Prompting(Method):
         if segment:
             self.name = "prompting_segmentation"
 
-    def named(self, sample: Sample, finding: str) -> tuple[str, str | None]:
-        """(concept, zone) the model names for ``finding`` in ``sample``'s image."""
+    def named(self, sample: Sample, finding: str) -> tuple[str, str | None] | str:
+        """(concept, zone) the model names for ``finding`` in ``sample``'s image, or its answer when that names
+        no side or zone (e.g. about a finding it does not see)."""
         if finding == "cardiomegaly":
             return "cardiac_silhouette", None
 
@@ -74,15 +75,19 @@ class Prompting(Method):
 
         side = ask("laterality")
         if side not in SIDES:
-            raise InterpError(f"the model named no side for the {finding} (answered {side!r})")
+            return side
         zone = FIXED_ZONE.get(finding) or ask("zone")
         if zone not in ZONES:
-            raise InterpError(f"the model named no zone for the {finding} (answered {zone!r})")
+            return zone
         return (f"costophrenic_{side}", None) if finding == "pleural_effusion" else (f"lung_{side}", zone)
 
     def _attribute(self, scorer: Scorer) -> Attribution:
         image = scorer.sample.image
-        concept, zone = self.named(scorer.sample, finding_of(scorer.sample))
+        named = self.named(scorer.sample, finding_of(scorer.sample))
+        if isinstance(named, str):  # the model locates nothing: an empty map, its answer in meta
+            empty = np.zeros(image.shape[:2], dtype=bool)
+            return self.result(scorer, empty.astype(np.float64), region=empty, meta={"concept": None, "answer": named})
+        concept, zone = named
         if self.segment:
             from interp.attribution.uot import localise
 
