@@ -3,9 +3,9 @@
     python benchmarks/sae_stream.py [--store caches/organism-phantom-train-2000.zarr] [--site projector.out]
                                     [--tokens 400000] [--repeats 3] [--json PATH]
 
-One torch thread. The same sae_lens TopK SAE config and trainer run ``--tokens`` tokens per repeat,
-fed either by ``StoreActivations.batches`` (chunks read from Zarr into a shuffle buffer) or by random
-batches of a tensor holding every training token (loaded once, outside the timing); the methods
+One torch thread. The default SAE config (``interp.sae.config``) and sae_lens's trainer run ``--tokens``
+tokens per repeat, fed either by ``StoreActivations.batches`` (chunks read from Zarr into a shuffle buffer)
+or by random batches of a tensor holding every training token (loaded once, outside the timing); the methods
 alternate order each repeat; medians. The last line is ``stream_vs_memory: <x>`` (streamed tokens/s
 over in-memory tokens/s; the goal is >= 0.8).
 """

@@ -160,6 +160,17 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(trained) 
         torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoints_of_another_run_are_not_resumed(trained) -> None:
+    """A rerun with other settings (or another store's model) refuses the old checkpoints instead of resuming them."""
+    from dataclasses import replace
+
+    from interp.sae.train import train_sae
+
+    cfg, _ = trained
+    with pytest.raises(InterpError, match="holds checkpoints of another run"):
+        train_sae(replace(cfg, lr=cfg.lr * 2))
+
+
 # --- the organism end to end --------------------------------------------------------------
 
 
@@ -248,3 +259,12 @@ def test_bad_matryoshka_widths(store: str, tmp_path: Path, capsys) -> None:
 
     assert main(["train", "--store", store, "--widths", "8,x", "--out", str(tmp_path / "o")]) == 2
     assert "--widths must be comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_matryoshka_levels() -> None:
+    """The nested widths sae_lens gets: the configured ones below d_sae, sorted, then the full width."""
+    from interp.sae.train import sae_config
+
+    assert sae_config(SAETrainConfig(), 64).matryoshka_widths == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert sae_config(SAETrainConfig(expansion=2), 6).matryoshka_widths == [1, 2, 4, 8, 12]
+    assert sae_config(SAETrainConfig(widths="32,8,600", expansion=8), 64).matryoshka_widths == [8, 32, 512]

@@ -19,7 +19,9 @@ class SAETrainConfig:
     architecture: str = "matryoshka"
     expansion: int = 8  # d_sae = expansion x d_in
     k: int = 8  # topk / batchtopk / matryoshka: active features per token
-    widths: str = "8,32,128"  # matryoshka: nested prefixes that must reconstruct on their own (then the full width)
+    # matryoshka: nested prefixes that must reconstruct on their own (then the full width). Doubling from one feature:
+    # the first levels can hold a finding's side- and zone-free feature (8,32,128 split them; README: SAE results)
+    widths: str = "1,2,4,8,16,32,64,128,256"
     l1_coefficient: float = 5.0  # standard
     l0_coefficient: float = 1.0  # jumprelu
     lr: float = 1e-3

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from interp.errors import InterpError
 from interp.sae.config import SAETrainConfig
 from interp.sae.data import StoreActivations
 
@@ -42,6 +44,24 @@ def _last_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _resumable(cfg: SAETrainConfig, out: Path) -> Path | None:
+    """The last checkpoint under ``out`` if it comes from this run - same settings, same store, same model
+    weights (``checkpoints/run.json``) -; InterpError for another run's; records this run's identity."""
+    from interp.store import open_store
+
+    meta = open_store(cfg.store)["acts"].attrs
+    identity = {"config": {k: v for k, v in asdict(cfg).items() if k != "device"},
+                "model_id": meta.get("model_id"), "weight_hash": meta.get("weight_hash")}
+    marker = out / "checkpoints" / "run.json"
+    ckpt = _last_checkpoint(out)
+    if ckpt is not None and (not marker.is_file() or json.loads(marker.read_text()) != identity):
+        raise InterpError(f"{out / 'checkpoints'} holds checkpoints of another run (other settings, store or model "
+                          "weights): remove that folder or train into another --out")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity, indent=1))
+    return ckpt
+
+
 def train_sae(cfg: SAETrainConfig) -> Path:
     """Train (or resume) and save; returns ``<out>/sae``."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -54,7 +74,7 @@ def train_sae(cfg: SAETrainConfig) -> Path:
     sae_cfg = sae_config(cfg, source.d_in)
     sae_cfg.metadata.hook_name = cfg.site
     sae_cfg.metadata.dataset_path = cfg.store
-    ckpt = _last_checkpoint(out)
+    ckpt = _resumable(cfg, out)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's generator
         torch.manual_seed(cfg.seed)
         sae = TrainingSAE.from_dict(sae_cfg.to_dict()) if ckpt is None else TrainingSAE.load_from_disk(str(ckpt))
@@ -73,7 +93,9 @@ def train_sae(cfg: SAETrainConfig) -> Path:
     trainer = SAETrainer(trainer_cfg, sae, provider())
     if ckpt is not None:  # resume: the optimizer, the step count, the dead-feature statistics
         trainer.load_trainer_state(ckpt)
+    wall, cpu = time.perf_counter(), time.process_time()
     trained = trainer.fit()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     final = out / "sae"
     if final.exists():
         shutil.rmtree(final)
@@ -81,5 +103,6 @@ def train_sae(cfg: SAETrainConfig) -> Path:
     (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "d_in": source.d_in,
                                                 "train_images": len(source.samples), "train_tokens_per_epoch":
                                                 source.n_tokens, "steps": trainer.n_training_steps,
-                                                "resumed_from": str(ckpt) if ckpt else None}, indent=1))
+                                                "resumed_from": str(ckpt) if ckpt else None,
+                                                "fit_seconds": {"wall": round(wall, 1), "cpu": round(cpu, 1)}}, indent=1))
     return final
