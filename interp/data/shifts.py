@@ -30,7 +30,7 @@ class Shift:
     def spec(self, spec: PhantomSpec, i: int) -> PhantomSpec:
         """Image ``i``'s spec under the shift (rotation sign alternates with ``i``)."""
         if self.rotation is not None:
-            spec = replace(spec, anatomy=replace(spec.anatomy, rotation=self.rotation * (1 if i % 2 == 0 else -1)))
+            spec = rotated(spec, self.rotation * (1 if i % 2 == 0 else -1))
         if self.tube and CONFOUNDERS[0] not in spec.confounders:
             spec = replace(spec, confounders=(*spec.confounders, CONFOUNDERS[0]))
         return spec
@@ -42,6 +42,11 @@ class Shift:
     def pixels(self, images: np.ndarray) -> np.ndarray:
         """Images [..., H, W] in [0, 1] with contrast scaled about each image's mean."""
         return contrast(images, self.contrast)
+
+
+def rotated(spec: PhantomSpec, degrees: float) -> PhantomSpec:
+    """``spec`` with the patient rotated by ``degrees`` (instead of its own rotation)."""
+    return replace(spec, anatomy=replace(spec.anatomy, rotation=float(degrees)))
 
 
 def contrast(images: np.ndarray, factor: float | np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from interp.data.phantom import CONFOUNDED_FINDING, FINDINGS, SIDES, ZONES, sample_spec
-from interp.data.shifts import Shift, contrast
+from interp.data.shifts import Shift, contrast, rotated
 from interp.data.vqa import ALL_KINDS, MODES, VQADataset, build_vqa, split_target
 from interp.errors import InterpError
 from interp.models.organism import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, PATCH_SIZE, build_organism
@@ -252,8 +252,7 @@ class Trainer:
         ds = build_vqa(cfg.n_train_images, cfg.seed, "train", confounder_rate=cfg.confounder_rate, confounded=cfg.confounded)
         if cfg.aug_rotation:
             turn = self.aug_rng.uniform(-cfg.aug_rotation, cfg.aug_rotation, len(ds.specs))
-            ds = replace(ds, specs=[replace(s, anatomy=replace(s.anatomy, rotation=float(r)))
-                                    for s, r in zip(ds.specs, turn)])
+            ds = replace(ds, specs=[rotated(s, r) for s, r in zip(ds.specs, turn)])
         self.pool = render_pool(ds, self.tok, self.progress)
 
     def pixels(self, images) -> torch.Tensor:
