@@ -82,3 +82,33 @@ def test_format_shifts_reports_the_worst_loss():
     shifted = {"contrast 0.6": {"presence/direct": {"acc": 0.90, "n": 10}, "zone/direct": {"acc": 0.9, "n": 5}},
                "chest tube": {"presence/direct": {"acc": 0.95, "n": 10}, "zone/direct": {"acc": 0.7, "n": 5}}}
     assert format_shifts(base, shifted).splitlines()[-1] == "most points lost: 20.0 (chest tube, zone/direct)"
+
+
+def test_patch_cover_by_hand():
+    from interp.models.train import patch_cover
+
+    m = np.zeros((64, 64), bool)
+    m[:4, :12] = True  # half of patch 0's rows; a quarter (4 x 4 pixels) of patch 1
+    cover = patch_cover(m)
+    assert cover[0] == 0.5 and cover[1] == 0.25 and cover[2:].sum() == 0
+
+
+def test_zone_head_targets_follow_the_lung_zones():
+    """The zone head's targets: each patch's share of each lung zone, upper above middle above lower, and
+    together the lung (the phantom's own lung mask, cut like the zones by heart and mediastinum)."""
+    from interp.models.train import LUNG_ZONES, TrainConfig, Trainer, patch_cover
+
+    t = Trainer(TrainConfig(n_train_images=6, zone_weight=1.0), progress=False)
+    t.load_data()
+    z = t.pool.zones.numpy()
+    assert z.shape == (6, 64, 6) and t.zone_head is not None
+    rows = np.arange(64) // 8
+    for i in range(6):
+        for s in ("left", "right"):
+            at = [LUNG_ZONES.index(f"lung_{s}_{zone}") for zone in ("upper", "middle", "lower")]
+            centre = [(z[i, :, k] * rows).sum() / z[i, :, k].sum() for k in at]
+            assert centre[0] < centre[1] < centre[2]
+        ph = build_vqa(6, t.cfg.seed, "train").phantom(i)
+        lungs = patch_cover(ph.concept_masks["lung_left"] | ph.concept_masks["lung_right"])
+        np.testing.assert_allclose(z[i].sum(-1), lungs, atol=1e-6)
+    assert sum(p.numel() for p in t.heads()) > sum(p.numel() for p in t.aux_head.parameters())

@@ -34,7 +34,7 @@ _WEIGHTS = Path(__file__).parent / "weights"
 #: captions (an affirmation bias, as in medical CLIPs)
 ALIASES = {"organism": _WEIGHTS / "lvlm", "organism-v1": _WEIGHTS / "lvlm-v1", "organism-shortcut": _WEIGHTS / "lvlm-shortcut",
            "clip-organism": _WEIGHTS / "clip", "clip-organism-biased": _WEIGHTS / "clip-biased"}
-TRAIN_HINT = {"organism": "python -m interp.models.train --eval-images 100 --eval-cot-images 40 --shifts",
+TRAIN_HINT = {"organism": "python -m interp.models.train --shifts",
               "organism-v1": "python -m interp.models.train --recipe v1 --out interp/models/weights/lvlm-v1 "
                              "--n-train-images 1500 --eval-images 100 --eval-cot-images 40",
               "organism-shortcut": "python -m interp.models.train --recipe v1 --out interp/models/weights/lvlm-shortcut "

@@ -64,6 +64,8 @@ def _aux_classes() -> list[tuple[str, str | None, str | None]]:
 #: per-patch multi-label classes of the auxiliary head: finding x side (x zone where it varies)
 AUX_CLASSES = _aux_classes()
 AUX_INDEX = {c: i for i, c in enumerate(AUX_CLASSES)}
+#: the phantom's lung-zone concept masks the zone head predicts per patch (organism v2)
+LUNG_ZONES = tuple(f"lung_{s}_{z}" for s in SIDES for z in ZONES)
 _GROUPS = [[i for i, c in enumerate(AUX_CLASSES) if c[0] == f] for f in FINDINGS]
 
 
@@ -104,6 +106,9 @@ class TrainConfig:
     # a second per-patch head on the same features predicting each finding wherever it lies (organism v2):
     # one linear direction per finding shared by every side and zone (0: off)
     finding_weight: float = 0.0
+    # a third per-patch head predicting which lung zone each patch lies in (the anatomy, findings or not; organism
+    # v2): zone questions need the zones' boundaries, which finding patches alone teach sparsely (0: off)
+    zone_weight: float = 0.0
     cot_fraction: float = 0.5
     kind_weights: dict = field(default_factory=lambda: {
         "presence": 2.0, "negated": 2.0, "positive": 1.0, "affirmative": 1.0, "laterality": 1.0, "zone": 1.0})
@@ -140,9 +145,14 @@ def patch_labels(finding_masks: dict[str, np.ndarray], spec) -> np.ndarray:
         if m is None:
             continue
         key = (f.name, f.side, f.zone if f.name in ("consolidation", "nodule") else None)
-        cov = m.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).sum((1, 3)).reshape(-1) / (PATCH_SIZE * PATCH_SIZE)
+        cov = patch_cover(m)
         y[:, AUX_INDEX[key]] = np.maximum(y[:, AUX_INDEX[key]], np.minimum(cov * 8.0, 1.0))
     return y
+
+
+def patch_cover(mask: np.ndarray) -> np.ndarray:
+    """[64 patches]: the share of each patch inside ``mask`` [64, 64]."""
+    return mask.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean((1, 3)).reshape(-1)
 
 
 @dataclass
@@ -151,6 +161,7 @@ class Pool:
 
     pixels: torch.Tensor  # [n, 1, 64, 64]
     labels: torch.Tensor  # [n, 64, C]
+    zones: torch.Tensor  # [n, 64, 6]: share of each patch in each lung zone (LUNG_ZONES)
     items: list[list[tuple[list[int], list[int], str, str]]]  # per image: (prompt ids, target ids, kind, mode)
 
 
@@ -159,21 +170,24 @@ def normalise(images: np.ndarray) -> torch.Tensor:
     return (x - IMAGE_MEAN[0]) / IMAGE_STD[0]
 
 
-def render_pool(ds: VQADataset, tok, progress: bool = False) -> Pool:
+def render_pool(ds: VQADataset, tok, progress: bool = False, zone_labels: bool = False) -> Pool:
     from tqdm import tqdm
 
     n = len(ds.specs)
     imgs = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), np.float32)
     labels = np.zeros((n, N_PATCHES, len(AUX_CLASSES)), np.float32)
+    zones = np.zeros((n, N_PATCHES, len(LUNG_ZONES)), np.float32) if zone_labels else np.zeros((n, 0, 0), np.float32)
     for i in tqdm(range(n), desc="render", disable=not progress, leave=False):
         ph = ds.phantom(i)
         imgs[i] = ph.image
         labels[i] = patch_labels(ph.finding_masks, ds.specs[i])
+        if zone_labels:
+            zones[i] = np.stack([patch_cover(ph.concept_masks[c]) for c in LUNG_ZONES], -1)
     items: list[list] = [[] for _ in range(n)]
     vocab = tok.get_vocab()
     for it in ds.items:
         items[it.image].append(([vocab[w] for w in it.prompt.split()], [vocab[w] for w in it.target.split()], it.kind, it.mode))
-    return Pool(normalise(imgs), torch.from_numpy(labels), items)
+    return Pool(normalise(imgs), torch.from_numpy(labels), torch.from_numpy(zones), items)
 
 
 # ---------------------------------------------------------------------------- model pieces
@@ -242,6 +256,7 @@ class Trainer:
             head.bias.fill_(-3.0)
         self.aux_head = head
         self.finding_head = torch.nn.Linear(cfg.d_lm, len(FINDINGS)) if cfg.finding_weight else None
+        self.zone_head = torch.nn.Linear(cfg.d_lm, len(LUNG_ZONES)) if cfg.zone_weight else None
         self.rng = np.random.default_rng([cfg.seed, 7])
         self.aug_rng = np.random.default_rng([cfg.seed, 13])  # its own stream: recipes without augmentation unchanged
         self.history: list[dict] = []
@@ -253,7 +268,7 @@ class Trainer:
         if cfg.aug_rotation:
             turn = self.aug_rng.uniform(-cfg.aug_rotation, cfg.aug_rotation, len(ds.specs))
             ds = replace(ds, specs=[rotated(s, r) for s, r in zip(ds.specs, turn)])
-        self.pool = render_pool(ds, self.tok, self.progress)
+        self.pool = render_pool(ds, self.tok, self.progress, zone_labels=bool(cfg.zone_weight))
 
     def pixels(self, images) -> torch.Tensor:
         """Normalised pixels of pool images ``images``, contrast-augmented when the config says so."""
@@ -264,9 +279,11 @@ class Trainer:
         return torch.from_numpy(contrast(x.numpy(), self.aug_rng.uniform(lo, hi, len(x))))  # linear: same in [0, 1]
 
     # --- losses
-    def aux_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def aux_loss(self, feats: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Per-patch BCE plus an image-level (max over patches, multiple-instance) BCE per finding; with
-        ``finding_weight``, per-patch BCE of the location-free finding head too."""
+        ``finding_weight``, per-patch BCE of the location-free finding head too, with ``zone_weight`` that of the
+        lung-zone head (soft targets: each patch's share of each zone)."""
+        labels = self.pool.labels[images]
         logits = self.aux_head(feats)
         pos = torch.tensor(4.0)
         loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos)
@@ -277,11 +294,14 @@ class Trainer:
             anywhere = torch.stack([labels[..., g].amax(-1) for g in _GROUPS], -1)
             loss = loss + self.cfg.finding_weight * F.binary_cross_entropy_with_logits(
                 self.finding_head(feats), anywhere, pos_weight=pos)
+        if self.zone_head is not None:
+            loss = loss + self.cfg.zone_weight * F.binary_cross_entropy_with_logits(
+                self.zone_head(feats), self.pool.zones[images])
         return loss
 
     def heads(self) -> list[torch.nn.Parameter]:
         """Parameters of the throw-away auxiliary heads (never saved)."""
-        return [*self.aux_head.parameters(), *(self.finding_head.parameters() if self.finding_head else ())]
+        return [p for h in (self.aux_head, self.finding_head, self.zone_head) if h is not None for p in h.parameters()]
 
     def sample_prompts(self, image: int, k: int) -> list:
         items = self.pool.items[image]
@@ -298,7 +318,7 @@ class Trainer:
     def answer_step(self, images: np.ndarray) -> dict[str, float]:
         cfg, model = self.cfg, self.model
         feats = image_features(model, self.pixels(images))
-        aux = self.aux_loss(feats, self.pool.labels[images])
+        aux = self.aux_loss(feats, images)
         cache = prefix_cache(model, feats, cfg.prompts_per_image)
         seqs = [s for i in images for s in self.sample_prompts(int(i), cfg.prompts_per_image)]
         ids, mask, labels = pack(seqs)
@@ -327,7 +347,7 @@ class Trainer:
             bar = tqdm(range(cfg.aux_steps), desc="stage 1 (vision+aux)", disable=not self.progress)
             for step in bar:
                 idx = torch.from_numpy(self.rng.choice(n, min(cfg.aux_batch, n), replace=False))
-                loss = self.aux_loss(image_features(model, self.pixels(idx)), self.pool.labels[idx])
+                loss = self.aux_loss(image_features(model, self.pixels(idx)), idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -21,14 +21,14 @@ from interp.models.registry import ALIASES
 TRAINING = ("seed", "steps", "minutes", "aux_steps", "n_train_images", "confounder_rate", "confounded")
 #: the shipped organisms' recipes as TrainConfig overrides (v1: the defaults; the shortcut organism is v1 + a tube).
 #: v2 (``organism``): trained under the shifts it is tested on (interp.data.shifts) - rotation within +-12 degrees,
-#: contrast 0.5-1.2, a chest tube in half the images beside no finding -, a location-free finding head, statement
-#: and zone items weighted up, longer stages
+#: contrast 0.5-1.2, a chest tube in half the images beside no finding -, a location-free finding head, a lung-zone
+#: head, statement and zone items weighted up, longer stages
 RECIPES = {
     "v1": {},
     "v2": {"confounder_rate": 0.5, "aug_rotation": 12.0, "aug_contrast_min": 0.5, "aug_contrast_max": 1.2,
-           "finding_weight": 1.0, "aux_batch": 32, "aux_steps": 800, "steps": 900, "threads": 2,
-           "kind_weights": {"presence": 2.0, "negated": 2.0, "positive": 2.0, "affirmative": 1.0, "laterality": 1.0,
-                            "zone": 3.0}},
+           "finding_weight": 1.0, "zone_weight": 1.0, "aux_batch": 32, "aux_steps": 800, "steps": 1100, "threads": 2,
+           "kind_weights": {"presence": 2.0, "negated": 2.0, "positive": 3.0, "affirmative": 1.0, "laterality": 1.0,
+                            "zone": 4.0}},
 }
 _PARSE = {"int": int, "float": float, "str": str}  # a --set value by its field's annotation (``float | None``...)
 
