@@ -21,7 +21,7 @@ import torch
 from figures import write_figures
 
 from interp.sae.config import SAETrainConfig
-from interp.sae.data import StoreActivations
+from interp.sae.data import StoreActivations, config_split
 from interp.sae.train import sae_config
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = SAETrainConfig(store=args.store, site=args.site, training_tokens=args.tokens)
-    source = StoreActivations(cfg.store, cfg.site, cfg.tokens, "train", cfg.test_fraction, cfg.seed)
+    source = config_split(cfg, "train")
     memory = torch.cat(list(source.batches(8192, shuffle=False, epochs=1)))
 
     def from_memory() -> Iterator[torch.Tensor]:

@@ -70,6 +70,71 @@ def test_one_epoch_streams_exactly_the_split(store: str, site: str, tokens: str,
     assert {tuple(r) for r in shuffled} <= rows and not np.array_equal(shuffled, want[: len(shuffled)])
 
 
+def test_validation_split_leaves_the_test_images_alone(store: str) -> None:
+    parts = {s: StoreActivations(store, "projector.out", split=s, test_fraction=0.3, val_fraction=0.3).samples
+             for s in ("train", "val", "test")}
+    assert sorted(np.concatenate(list(parts.values()))) == sorted(
+        StoreActivations(store, "projector.out", test_fraction=0).samples)  # disjoint, every image once
+    assert all(len(p) == 2 for p in parts.values())
+    np.testing.assert_array_equal(parts["test"], StoreActivations(store, "projector.out", split="test",
+                                                                  test_fraction=0.3).samples)
+    with pytest.raises(InterpError, match="leave images to train on"):
+        StoreActivations(store, "projector.out", test_fraction=0.5, val_fraction=0.5)
+
+
+def test_inits_keep_the_best_on_validation(store: str, tmp_path: Path) -> None:
+    """Two inits: the kept SAE is the one whose validation score, recomputed here, is higher (no labels in this
+    store: explained variance)."""
+    from sae_lens import SAE
+
+    from interp.sae.data import config_split
+    from interp.sae.metrics import reconstruction
+    from interp.sae.train import train_sae
+
+    cfg = SAETrainConfig(store=store, site="projector.out", k=2, expansion=2, batch_size=4, training_tokens=32,
+                         checkpoint_every=0, test_fraction=0.3, val_fraction=0.3, inits=2, out=str(tmp_path))
+    kept = SAE.load_from_disk(str(train_sae(cfg))).state_dict()
+    val = config_split(cfg, "val")
+    ev = {seed: reconstruction(SAE.load_from_disk(str(tmp_path / "inits" / str(seed) / "sae")), val)["explained_variance"]
+          for seed in (0, 1)}
+    log = json.loads((tmp_path / "train.json").read_text())
+    assert [r["score"] for r in log["inits"]] == pytest.approx([ev[0], ev[1]])
+    assert log["chosen_seed"] == max(ev, key=ev.get) and ev[0] != ev[1]
+    want = SAE.load_from_disk(str(tmp_path / "inits" / str(log["chosen_seed"]) / "sae")).state_dict()
+    assert all(torch.equal(kept[k], want[k]) for k in want)
+
+
+def test_position_mean_and_centred_tokens_by_hand(store: str) -> None:
+    from interp.sae.data import position_mean
+
+    src = StoreActivations(store, "vision.blocks.0.resid_post", "all", "train", test_fraction=0.34)
+    raw = values("vision.blocks.0.resid_post")[src.samples][:, src.positions]
+    mean = position_mean(src)
+    np.testing.assert_allclose(mean, raw.mean(0), rtol=1e-6)
+    src.centre = mean
+    got = torch.cat(list(src.batches(5, shuffle=False, epochs=1))).numpy()
+    np.testing.assert_allclose(got, (raw - raw.mean(0)).reshape(-1, D), atol=1e-4)
+
+
+def test_centred_sae_saves_its_mean_and_reads_centred_tokens(store: str, tmp_path: Path) -> None:
+    from sae_lens import SAE
+
+    from interp.sae.analysis import load_centre, sae_source
+    from interp.sae.data import config_split
+    from interp.sae.train import train_sae
+
+    cfg = SAETrainConfig(store=store, site="projector.out", centre="position", k=2, expansion=2, batch_size=4,
+                         training_tokens=32, checkpoint_every=0, test_fraction=0.34, inits=1, out=str(tmp_path))
+    SAE.load_from_disk(str(train_sae(cfg)))  # still sae_lens's format
+    mean, positions = load_centre(str(tmp_path / "sae"))
+    test = sae_source(cfg, "test")
+    raw = values("projector.out")[test.samples][:, test.positions]
+    train_rows = config_split(cfg, "train").samples
+    np.testing.assert_allclose(mean, values("projector.out")[train_rows][:, positions].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(torch.cat(list(test.batches(1, shuffle=False, epochs=1))).numpy(),
+                               (raw - mean).reshape(-1, D), atol=1e-4)
+
+
 def test_start_skips_batches_exactly(store: str) -> None:
     src = StoreActivations(store, "projector.out", "patch", "train", test_fraction=0.34, seed=3)
     stream = src.batches(3)
@@ -121,7 +186,7 @@ def trained(store: str, tmp_path_factory) -> tuple[SAETrainConfig, Path]:
     from interp.sae.train import train_sae
 
     cfg = SAETrainConfig(store=store, site="projector.out", k=2, expansion=2, batch_size=4, training_tokens=64,
-                         checkpoint_every=32, test_fraction=0.34, out=str(tmp_path_factory.mktemp("run")))
+                         checkpoint_every=32, test_fraction=0.34, inits=1, out=str(tmp_path_factory.mktemp("run")))
     return cfg, train_sae(cfg)
 
 
@@ -135,7 +200,8 @@ def test_every_architecture_loads_with_sae_lens(store: str, tmp_path: Path, arch
     from interp.sae.train import train_sae
 
     cfg = SAETrainConfig(store=store, site="projector.out", architecture=architecture, k=2, expansion=2, batch_size=4,
-                         training_tokens=32, checkpoint_every=0, test_fraction=0.34, widths="4", out=str(tmp_path))
+                         training_tokens=32, checkpoint_every=0, test_fraction=0.34, widths="4", inits=1,
+                         out=str(tmp_path))
     sae = SAE.load_from_disk(str(train_sae(cfg)))
     assert sae.cfg.architecture() == inference and sae.cfg.d_in == D and sae.cfg.d_sae == 2 * D
     assert sae.cfg.metadata.hook_name == "projector.out"
@@ -183,9 +249,12 @@ def organism_store(tmp_path_factory) -> str:
     return out
 
 
-def test_exact_splice_changes_nothing(organism_store: str) -> None:
+@pytest.mark.parametrize("centred", [False, True])
+def test_exact_splice_changes_nothing(organism_store: str, centred: bool) -> None:
     """relu(x) - relu(-x) = x: an SAE with W_enc = [I, -I], W_dec = [I; -I] reconstructs exactly, so splicing
-    it in leaves the answers as they are (KL 0, all the loss recovered), unlike zero- and mean-ablation."""
+    it in leaves the answers as they are (KL 0, all the loss recovered), unlike zero- and mean-ablation; also
+    when it reads the tokens less a per-position centre (added back after it), and the mean-ablation value
+    stays the tokens' own mean."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
     from interp.data.catalog import load_dataset
@@ -202,8 +271,12 @@ def test_exact_splice_changes_nothing(organism_store: str) -> None:
         sae.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 1))
         sae.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 0))
     items = [data.items[r] for r in test.samples]
-    got = downstream(adapter, sae, test, items, data.image, token_mean(test))
-    assert got["sae"]["kl"] == pytest.approx(0.0, abs=1e-9) and got["sae"]["ce"] == pytest.approx(got["clean"]["ce"])
+    raw_mean = token_mean(test)
+    if centred:
+        test.centre = np.random.default_rng(0).normal(size=(len(test.positions), d)).astype(np.float32) * 3
+        torch.testing.assert_close(token_mean(test), raw_mean, rtol=1e-5, atol=1e-5)
+    got = downstream(adapter, sae, test, items, data.image, raw_mean)
+    assert got["sae"]["kl"] == pytest.approx(0.0, abs=1e-9) and got["sae"]["ce"] == pytest.approx(got["clean"]["ce"], rel=1e-5)
     assert got["sae"]["loss_recovered_vs_zero"] == pytest.approx(1.0) and got["zero"]["kl"] > 0.01
     batch = adapter.encode([data.image(it.image) for it in items], [it.prompt for it in items])
     logits, _ = adapter.run(batch)  # the clean accuracy, independently

@@ -47,11 +47,11 @@ class Explorer:
         self._trees = [(self.tree, self._row)] + [(t, {s: i for i, s in enumerate(t["sample"].values)}) for t in others]
         self._sizes: np.ndarray | None = None
         self._grids: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.sae_path, self.sae = sae, None
+        self.sae_path, self.sae, self.sae_centre = sae, None, None
         if sae is not None:  # loaded now (sae_lens imports slowly): the first click is then as fast as the next
-            from interp.sae.analysis import load_sae
+            from interp.sae.analysis import load_centre, load_sae
 
-            self.sae = load_sae(sae)
+            self.sae, self.sae_centre = load_sae(sae), load_centre(sae)
             self.sae_site = str(self.sae.cfg.metadata.hook_name)
             if self.sae_site not in self.sites():
                 raise InterpError(f"the SAE at {sae} reads {self.sae_site}, which this store does not cache; "
@@ -258,9 +258,15 @@ class Explorer:
             return None
         import torch
 
+        from interp.sae.metrics import encode
+
         x = self.patch_grid(self.sae_site, sample)
+        centre = None
+        if self.sae_centre is not None:  # the mean of each grid patch's position, in the grid's order
+            mean, positions = self.sae_centre
+            centre = mean[np.searchsorted(positions, self._grid(self.sae_site)[0])]
         with torch.no_grad():
-            codes = self.sae.encode(torch.from_numpy(x.reshape(-1, x.shape[-1])).to(self.sae.dtype))
+            codes = encode(self.sae, torch.from_numpy(x.reshape(-1, x.shape[-1])), centre)
         return codes.float().numpy().reshape(*x.shape[:2], -1)
 
     # checks

@@ -21,21 +21,26 @@ from dataclasses import fields
 
 from interp.cli import (Parser, fraction, non_negative_int, out_dir, positive_float, positive_int, run,
                         torch_device)
-from interp.sae.config import ARCHITECTURES, SAETrainConfig
+from interp.sae.config import ARCHITECTURES, CENTRES, SAETrainConfig
 
 TYPES = {"expansion": positive_int, "k": positive_int, "l1_coefficient": positive_float,
          "l0_coefficient": positive_float, "lr": positive_float, "batch_size": positive_int,
          "training_tokens": positive_int, "test_fraction": fraction, "buffer_chunks": positive_int,
-         "checkpoint_every": non_negative_int, "seed": non_negative_int, "threads": positive_int,
+         "checkpoint_every": non_negative_int, "seed": non_negative_int, "split_seed": non_negative_int, "inits": positive_int, "val_fraction": fraction, "threads": positive_int,
          "device": torch_device, "out": out_dir}
-CHOICES = {"architecture": ARCHITECTURES, "tokens": ("patch", "cls", "all")}
+CHOICES = {"architecture": ARCHITECTURES, "tokens": ("patch", "cls", "all"), "centre": CENTRES}
 HELP = {"store": "results store with cached vision activations (python -m interp.cache)",
         "site": "a vision.* or projector.* site cached in the store", "tokens": "which tokens train the SAE",
         "architecture": "SAE kind (sae_lens)", "expansion": "d_sae = expansion x d_in",
         "k": "topk / batchtopk / matryoshka: active features per token",
         "widths": "matryoshka: comma-separated nested widths that must reconstruct alone (the full width is added)", "l1_coefficient": "standard SAE's sparsity penalty",
         "l0_coefficient": "jumprelu's sparsity penalty", "training_tokens": "tokens seen in training",
-        "test_fraction": "share of the store's distinct images held out", "buffer_chunks": "store chunks per "
+        "test_fraction": "share of the store's distinct images held out", "split_seed": "which images are held out",
+        "inits": "SAEs trained from seeds seed, seed+1, ...: the one with the best worst-finding AUROC on the "
+        "validation images is kept (phantom stores; else the best explained variance)",
+        "val_fraction": "share of the distinct images held out for choosing among --inits",
+        "seed": "the SAE's initialisation and batch order", "centre": "position: subtract each token position's "
+        "training mean before the SAE (added back after it)", "buffer_chunks": "store chunks per "
         "shuffle buffer (the memory bound)", "checkpoint_every": "tokens between checkpoints (0: none)",
         "out": "output folder"}
 

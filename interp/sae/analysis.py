@@ -23,9 +23,9 @@ import xarray as xr
 from interp.data.phantom import FINDINGS
 from interp.errors import InterpError
 from interp.sae.config import SAETrainConfig
-from interp.sae.data import StoreActivations
+from interp.sae.data import StoreActivations, config_split
 from interp.sae.groundtruth import best_features, feature_concept_auroc, mask_to_grid, score_features
-from interp.sae.metrics import answer_logp, downstream, reconstruction, token_mean
+from interp.sae.metrics import answer_logp, downstream, encode, reconstruction, token_mean
 from interp.store import Field, SampleIndex, StoreWriter, dataset_of, open_store
 
 FEATURE_BATCH = 4096
@@ -39,6 +39,31 @@ def load_sae(path: str) -> Any:
     if not (Path(path) / "cfg.json").is_file():
         raise InterpError(f"no SAE at {path} (train one with python -m interp.sae train)")
     return SAE.load_from_disk(path)
+
+
+def load_centre(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean [n_positions, d], the site positions it belongs to) of a position-centred SAE at ``path``; None if
+    the SAE reads its site as it is."""
+    from safetensors.numpy import load_file
+
+    from interp.sae.train import CENTRE_FILE
+
+    f = Path(path) / CENTRE_FILE
+    if not f.is_file():
+        return None
+    t = load_file(str(f))
+    return t["position_mean"], t["positions"]
+
+
+def sae_source(cfg: SAETrainConfig, split: str, tokens: str | None = None) -> StoreActivations:
+    """The store tokens of ``cfg``'s site in ``split``, centred as the SAE trained at ``cfg.out`` expects."""
+    source = config_split(cfg, split, tokens)
+    centre = load_centre(str(Path(cfg.out) / "sae"))
+    if centre is not None:
+        if not np.array_equal(centre[1], source.positions):
+            raise InterpError(f"the SAE at {cfg.out} was centred on other token positions than {source.tokens} tokens")
+        source.centre = centre[0]
+    return source
 
 
 @torch.no_grad()
@@ -64,7 +89,7 @@ def finding_auroc(image_acts: np.ndarray, tree: xr.DataTree, rows: np.ndarray) -
 def quick_report(sae_path: str, cfg: SAETrainConfig) -> dict:
     """Print and return the held-out reconstruction figures and the findings' best-feature AUROC."""
     sae = load_sae(sae_path)
-    test = StoreActivations(cfg.store, cfg.site, cfg.tokens, "test", cfg.test_fraction, cfg.seed)
+    test = sae_source(cfg, "test")
     rec = reconstruction(sae, test)
     rows, codes = patch_features(sae, test)
     best = finding_auroc(codes.max(1), open_store(cfg.store), rows)
@@ -110,12 +135,11 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
         raise InterpError(f"{meta['model_id']} now has weights {adapter.weight_hash}, the store was cached from "
                           f"{meta['weight_hash']}")
     data = dataset_of(tree)
-    split = {s: StoreActivations(cfg.store, cfg.site, "patch", s, cfg.test_fraction, cfg.seed) for s in ("train", "test")}
+    split = {s: sae_source(cfg, s, "patch") for s in ("train", "test")}
     result: dict[str, Any] = {"config": cfg.__dict__}
     result["reconstruction"] = {"patch": reconstruction(sae, split["test"])}
-    if (np.asarray(tree["acts"][f"{split['test'].acts.dims[1]}_kind"]) == 1).any():
-        result["reconstruction"]["cls"] = reconstruction(sae, StoreActivations(
-            cfg.store, cfg.site, "cls", "test", cfg.test_fraction, cfg.seed))
+    if (np.asarray(tree["acts"][f"{split['test'].acts.dims[1]}_kind"]) == 1).any() and split["test"].centre is None:
+        result["reconstruction"]["cls"] = reconstruction(sae, sae_source(cfg, "test", "cls"))
     yield f"reconstruction (held out): {json.dumps(result['reconstruction'])}"
 
     items = {it.id: it for it in data.items}
@@ -253,7 +277,7 @@ def _interventions(adapter: Any, sae: Any, source: StoreActivations, items: list
 
     def ablate(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        code = sae.encode(x[:, positions].to(sae.dtype))[..., feature].float()
+        code = encode(sae, x[:, positions], source.centre)[..., feature].float()
         x[:, positions] = x[:, positions] - (code[..., None] * direction).to(x.dtype)
         return x
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from interp.errors import InterpError
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka")
+CENTRES = ("none", "position")
 
 
 @dataclass
@@ -16,6 +17,9 @@ class SAETrainConfig:
     store: str = "caches/organism-phantom-train-2000.zarr"
     site: str = "projector.out"
     tokens: str = "patch"
+    # position: each token position's training mean subtracted before the SAE (and added back after it), so the
+    # features code what differs between images rather than where a token sits (README: SAE results)
+    centre: str = "none"
     architecture: str = "matryoshka"
     expansion: int = 8  # d_sae = expansion x d_in
     k: int = 8  # topk / batchtopk / matryoshka: active features per token
@@ -28,6 +32,11 @@ class SAETrainConfig:
     batch_size: int = 1024
     training_tokens: int = 3_000_000
     test_fraction: float = 0.1
+    # SAEs trained from seeds seed, seed + 1, ...; the one kept has the best worst-finding AUROC (phantom stores;
+    # else explained variance) on val_fraction of the images, held out from training and from the reported split
+    inits: int = 3
+    val_fraction: float = 0.1
+    split_seed: int = 0  # which images are held out (``seed``: the SAE's initialisation and batch order)
     buffer_chunks: int = 16
     checkpoint_every: int = 500_000
     seed: int = 0
@@ -38,7 +47,13 @@ class SAETrainConfig:
     def validate(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise InterpError(f"unknown architecture {self.architecture!r}: choose {', '.join(ARCHITECTURES)}")
+        if self.centre not in CENTRES:
+            raise InterpError(f"unknown centre {self.centre!r}: choose {', '.join(CENTRES)}")
         self.nested_widths()
+        if self.inits < 1:
+            raise InterpError(f"--inits must be >= 1, got {self.inits}")
+        if self.inits > 1 and not self.val_fraction:
+            raise InterpError("choosing among --inits needs validation images: --val-fraction > 0")
         if self.training_tokens < self.batch_size:
             raise InterpError(f"training tokens ({self.training_tokens}) must be at least one batch ({self.batch_size})")
 

@@ -3,8 +3,9 @@
 ``reconstruction`` streams the held-out tokens once: explained variance (1 - SSE / SST, SST about the
 held-out mean), mean L0 per token, dead features (never active on the held-out tokens) and dense
 features (active on more than ``DENSE`` of them). ``downstream`` runs the model on the held-out
-samples' own prompts through the adapter with the site replaced by the SAE's reconstruction, by zeros
-and by the training mean (on the same token positions): answer accuracy, KL(clean || edited) of the
+samples' own prompts through the adapter with the site replaced by the SAE's reconstruction (of the tokens
+less the source's per-position centre, which is added back), by zeros and by the training mean (on the same
+token positions): answer accuracy, KL(clean || edited) of the
 answer distribution, and the fraction of the answer loss recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean).
 """
 
@@ -47,12 +48,26 @@ def reconstruction(sae: Any, source: StoreActivations, batch_size: int = 4096) -
 
 
 def token_mean(source: StoreActivations, batch_size: int = 4096) -> torch.Tensor:
-    """[d] mean of ``source``'s tokens (the mean-ablation value)."""
+    """[d] mean of ``source``'s tokens as the site holds them (the mean-ablation value; a centred source's
+    per-position mean added back, exact where no sample lacks a position)."""
     total, n = None, 0
     for x in source.batches(batch_size, shuffle=False, epochs=1):
         total = x.to(torch.float64).sum(0) if total is None else total + x.to(torch.float64).sum(0)
         n += len(x)
-    return (total / n).to(torch.float32)
+    mean = total / n + (0 if source.centre is None else torch.from_numpy(source.centre).to(torch.float64).mean(0))
+    return mean.to(torch.float32)
+
+
+def encode(sae: Any, x: torch.Tensor, centre: np.ndarray | None) -> torch.Tensor:
+    """The SAE's code of a site's tokens ``x`` [..., positions, d], less the per-position ``centre`` it was
+    trained with (None: as they are)."""
+    return sae.encode((x if centre is None else x - torch.from_numpy(centre).to(x.dtype)).to(sae.dtype))
+
+
+def reconstruct(sae: Any, x: torch.Tensor, centre: np.ndarray | None) -> torch.Tensor:
+    """The SAE's reconstruction of a site's tokens ``x`` [..., positions, d] (``centre`` added back)."""
+    out = sae.decode(encode(sae, x, centre))
+    return out if centre is None else out + torch.from_numpy(centre).to(out.dtype)
 
 
 @torch.no_grad()
@@ -90,7 +105,7 @@ def downstream(adapter: Any, sae: Any, source: StoreActivations, items: list, im
             return x
         return edit
 
-    variants = {"sae": replace(lambda x: sae.decode(sae.encode(x.to(sae.dtype)))),
+    variants = {"sae": replace(lambda x: reconstruct(sae, x, source.centre)),
                 "zero": replace(torch.zeros_like), "mean": replace(lambda x: mean.to(x.dtype).expand_as(x))}
     lp = answer_logp(adapter, source.site, items, images, {"clean": None, **variants}, batch_size)
     rows = torch.arange(len(items))
