@@ -69,8 +69,9 @@ def train(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from interp.sae.analysis import quick_report
+    from interp.sae.analysis import init_report, quick_report
     from interp.sae.train import train_sae
+    from interp.store import open_store
 
     import torch
 
@@ -78,6 +79,8 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(cfg.threads)
     path = train_sae(cfg)
     summary = quick_report(str(path), cfg)
+    if cfg.inits > 1 and "labels" in open_store(cfg.store).data_vars:
+        summary["inits"] = init_report(cfg)
     log = Path(cfg.out) / "train.json"
     log.write_text(json.dumps({**json.loads(log.read_text()), "held_out": summary}, indent=1))
     print(f"sae:     {path}\nfigures: {log}")

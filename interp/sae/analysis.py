@@ -102,6 +102,21 @@ def quick_report(sae_path: str, cfg: SAETrainConfig) -> dict:
             "finding_auroc": {f: {"feature": j, "auroc": a} for f, (j, a) in best.items()}}
 
 
+def init_report(cfg: SAETrainConfig) -> dict[int, dict[str, float]]:
+    """Each init's best-feature AUROC per finding on the held-out (reported) images, printed with its worst
+    finding; for the record only - the kept SAE was chosen on the validation images."""
+    from dataclasses import replace
+
+    out, tree = {}, open_store(cfg.store)
+    for seed in range(cfg.seed, cfg.seed + cfg.inits):
+        one = replace(cfg, seed=seed, inits=1, out=str(Path(cfg.out) / "inits" / str(seed)))
+        rows, codes = patch_features(load_sae(str(Path(one.out) / "sae")), sae_source(one, "test"))
+        out[seed] = {f: a for f, (_, a) in finding_auroc(codes.max(1), tree, rows).items()}
+    print("every init on the held-out images (not used to choose): "
+          + ", ".join(f"seed {seed} worst {min(a.values()):.3f}" for seed, a in out.items()))
+    return out
+
+
 def _grid_boxes(adapter: Any, site: str, image: np.ndarray, positions: np.ndarray) -> list:
     """Input-image boxes of the site's chosen positions (vision tokens, or the LM's image tokens for the
     projector), from the adapter's own positions for one image."""
