@@ -109,3 +109,21 @@ def test_cli_rejects_bad_input(capsys):
     assert main(["--set", "nonsense=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_eval_only_on_the_validation_split_joins_metrics(tmp_path, capsys):
+    """--eval-split val evaluates other phantoms than the test split and records its table as 'validation'."""
+    import json
+    import shutil
+
+    from interp.models.registry import ALIASES
+    from interp.models.train import main
+
+    out = tmp_path / "org"
+    shutil.copytree(ALIASES["organism"], out)
+    assert main(["--eval-only", "--out", str(out), "--eval-split", "val", "--eval-images", "3", "--eval-cot-images", "0",
+                 "--no-progress"]) == 0
+    assert "val split" in capsys.readouterr().out
+    got = json.loads((out / "metrics.json").read_text())["validation"]
+    assert got["images"] == 3 and got["metrics"]["presence/direct"]["n"] == 15  # 5 findings x 3 images
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["presence/direct"]["n"] == 1000  # the test table kept

@@ -52,6 +52,9 @@ def parser() -> Parser:
     p.add_argument("--eval-images", type=positive_int, default=200, help="test-split images for evaluation")
     p.add_argument("--eval-cot-images", type=non_negative_int, default=100, help="of those, how many also get cot items")
     p.add_argument("--eval-seed", type=non_negative_int, default=12345)
+    p.add_argument("--eval-split", choices=("val", "test"), default="test",
+                   help="phantom split evaluated (val: for choosing among checkpoints; its table joins metrics.json "
+                        "as 'validation')")
     p.add_argument("--shortcut-table", action="store_true", help="also measure how far pneumothorax answers follow a "
                    "chest tube (interp.models.shortcut) and print it; saved in metrics.json, with --eval-only too")
     p.add_argument("--shortcut-images", type=positive_int, default=200,
@@ -103,8 +106,8 @@ def _shift_metrics(model, tok, a: argparse.Namespace, cot_images: int) -> dict:
     from interp.data.shifts import SHIFTS
     from interp.models.train import evaluate
 
-    return {name: evaluate(model, tok, a.eval_images, a.eval_seed, cot_images=cot_images, progress=not a.no_progress,
-                           shift=s) for name, s in SHIFTS.items()}
+    return {name: evaluate(model, tok, a.eval_images, a.eval_seed, a.eval_split, cot_images=cot_images,
+                           progress=not a.no_progress, shift=s) for name, s in SHIFTS.items()}
 
 
 def work(a: argparse.Namespace, command: str) -> None:
@@ -122,11 +125,14 @@ def work(a: argparse.Namespace, command: str) -> None:
         not_applicable([k for k in (*TRAINING, "recipe", "set") if getattr(a, k) not in (None, [])], "to --eval-only")
         adapter = load(a.out, kind="lvlm", purpose="models.train --eval-only (the LVLM organism's VQA)")
         torch.set_num_threads(TrainConfig.threads)
-        m = evaluate(adapter.model, adapter.tokenizer, a.eval_images, a.eval_seed, cot_images=cot_images,
+        m = evaluate(adapter.model, adapter.tokenizer, a.eval_images, a.eval_seed, a.eval_split, cot_images=cot_images,
                      progress=not a.no_progress)
-        print(f"{a.out}: test split, seed {a.eval_seed}, {a.eval_images} images ({a.eval_cot_images} with cot items)")
+        print(f"{a.out}: {a.eval_split} split, seed {a.eval_seed}, {a.eval_images} images ({a.eval_cot_images} with "
+              "cot items)")
         print(format_table(m))
         extra = {}
+        if a.eval_split == "val":
+            extra["validation"] = {"seed": a.eval_seed, "images": a.eval_images, "cot_images": cot_images, "metrics": m}
         if a.shifts:
             extra["shifts"] = _shift_metrics(adapter.model, adapter.tokenizer, a, cot_images)
             print(format_shifts(m, extra["shifts"]))
@@ -142,12 +148,12 @@ def work(a: argparse.Namespace, command: str) -> None:
     torch.set_num_threads(cfg.threads)
     trainer = Trainer(cfg, progress=not a.no_progress)
     info = trainer.train()
-    m = evaluate(trainer.model, trainer.tok, a.eval_images, a.eval_seed, cot_images=cot_images,
+    m = evaluate(trainer.model, trainer.tok, a.eval_images, a.eval_seed, a.eval_split, cot_images=cot_images,
                  progress=not a.no_progress)
     table = shortcut_table(trainer.model, trainer.tok, a.shortcut_images, a.eval_seed) if a.shortcut_table else None
     shifted = _shift_metrics(trainer.model, trainer.tok, a, cot_images) if a.shifts else None
     save_organism(trainer.model, trainer.tok, a.out)
-    meta = {"metrics": m, **info, "config": asdict(cfg), "eval": {"split": "test", "seed": a.eval_seed,
+    meta = {"metrics": m, **info, "config": asdict(cfg), "eval": {"split": a.eval_split, "seed": a.eval_seed,
             "images": a.eval_images, "cot_images": a.eval_cot_images},
             **({"shortcut": table} if table else {}), **({"shifts": shifted} if shifted else {}), "command": command,
             "torch": torch.__version__, "threads": cfg.threads, "machine": platform.machine(), "history": trainer.history}
