@@ -121,9 +121,12 @@ def test_eval_only_on_the_validation_split_joins_metrics(tmp_path, capsys):
 
     out = tmp_path / "org"
     shutil.copytree(ALIASES["organism"], out)
+    before = json.loads((out / "metrics.json").read_text())
     assert main(["--eval-only", "--out", str(out), "--eval-split", "val", "--eval-images", "3", "--eval-cot-images", "0",
-                 "--no-progress"]) == 0
+                 "--shifts", "--no-progress"]) == 0
     assert "val split" in capsys.readouterr().out
-    got = json.loads((out / "metrics.json").read_text())["validation"]
+    after = json.loads((out / "metrics.json").read_text())
+    got = after.pop("validation")
     assert got["images"] == 3 and got["metrics"]["presence/direct"]["n"] == 15  # 5 findings x 3 images
-    assert json.loads((out / "metrics.json").read_text())["metrics"]["presence/direct"]["n"] == 1000  # the test table kept
+    assert got["shifts"]["rotation 10"]["presence/direct"]["n"] == 15
+    assert after == before  # the test split's tables (plain and shifted) kept

@@ -49,7 +49,7 @@ def parser() -> Parser:
                    "with the --confounded finding and in 1 - it of those without (default: no tubes)")
     p.add_argument("--confounded", choices=FINDINGS, help="the finding the chest tube follows (default: pleural_effusion)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint at --out and print the table")
-    p.add_argument("--eval-images", type=positive_int, default=200, help="test-split images for evaluation")
+    p.add_argument("--eval-images", type=positive_int, default=200, help="phantoms of --eval-split evaluated")
     p.add_argument("--eval-cot-images", type=non_negative_int, default=100, help="of those, how many also get cot items")
     p.add_argument("--eval-seed", type=non_negative_int, default=12345)
     p.add_argument("--eval-split", choices=("val", "test"), default="test",
@@ -131,11 +131,14 @@ def work(a: argparse.Namespace, command: str) -> None:
               "cot items)")
         print(format_table(m))
         extra = {}
-        if a.eval_split == "val":
-            extra["validation"] = {"seed": a.eval_seed, "images": a.eval_images, "cot_images": cot_images, "metrics": m}
-        if a.shifts:
-            extra["shifts"] = _shift_metrics(adapter.model, adapter.tokenizer, a, cot_images)
-            print(format_shifts(m, extra["shifts"]))
+        shifted = _shift_metrics(adapter.model, adapter.tokenizer, a, cot_images) if a.shifts else None
+        if shifted:
+            print(format_shifts(m, shifted))
+        if a.eval_split == "val":  # beside the test split's tables, never over them
+            extra["validation"] = {"seed": a.eval_seed, "images": a.eval_images, "cot_images": cot_images, "metrics": m,
+                                   **({"shifts": shifted} if shifted else {})}
+        elif shifted:
+            extra["shifts"] = shifted
         if a.shortcut_table:
             extra["shortcut"] = shortcut_table(adapter.model, adapter.tokenizer, a.shortcut_images, a.eval_seed)
             print(format_shortcut(extra["shortcut"]))
