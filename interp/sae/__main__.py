@@ -26,8 +26,8 @@ from interp.sae.config import ARCHITECTURES, CENTRES, SAETrainConfig
 TYPES = {"expansion": positive_int, "k": positive_int, "l1_coefficient": positive_float,
          "l0_coefficient": positive_float, "lr": positive_float, "batch_size": positive_int,
          "training_tokens": positive_int, "test_fraction": fraction, "buffer_chunks": positive_int,
-         "checkpoint_every": non_negative_int, "seed": non_negative_int, "split_seed": non_negative_int, "inits": positive_int, "val_fraction": fraction, "threads": positive_int,
-         "device": torch_device, "out": out_dir}
+         "checkpoint_every": non_negative_int, "seed": non_negative_int, "split_seed": non_negative_int,
+         "inits": positive_int, "val_fraction": fraction, "threads": positive_int, "device": torch_device, "out": out_dir}
 CHOICES = {"architecture": ARCHITECTURES, "tokens": ("patch", "cls", "all"), "centre": CENTRES}
 HELP = {"store": "results store with cached vision activations (python -m interp.cache)",
         "site": "a vision.* or projector.* site cached in the store", "tokens": "which tokens train the SAE",

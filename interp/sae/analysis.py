@@ -86,32 +86,36 @@ def finding_auroc(image_acts: np.ndarray, tree: xr.DataTree, rows: np.ndarray) -
     return best_features(feature_concept_auroc(image_acts, dict(zip(FINDINGS, labels.T))))
 
 
+def split_auroc(sae: Any, source: StoreActivations) -> tuple[int, dict[str, tuple[int | None, float]]]:
+    """(images, each finding's best feature and its image-level AUROC) on ``source``'s images."""
+    rows, codes = patch_features(sae, source)
+    return len(rows), finding_auroc(codes.max(1), open_store(source.url), rows)
+
+
 def quick_report(sae_path: str, cfg: SAETrainConfig) -> dict:
     """Print and return the held-out reconstruction figures and the findings' best-feature AUROC."""
     sae = load_sae(sae_path)
     test = sae_source(cfg, "test")
     rec = reconstruction(sae, test)
-    rows, codes = patch_features(sae, test)
-    best = finding_auroc(codes.max(1), open_store(cfg.store), rows)
-    print(f"held out: {len(rows)} images, {rec['tokens']} {cfg.tokens} tokens: explained variance "
+    images, best = split_auroc(sae, test)
+    print(f"held out: {images} images, {rec['tokens']} {cfg.tokens} tokens: explained variance "
           f"{rec['explained_variance']:.3f}, L0 {rec['l0']:.1f}, dead {rec['dead_features']} / dense "
           f"{rec['dense_features']} of {rec['d_sae']} features")
     print("best single feature per finding (image-level AUROC, max over patches): "
           + ", ".join(f"{f} {a:.3f} (#{j})" for f, (j, a) in best.items()))
-    return {"images": len(rows), "reconstruction": rec,
+    return {"images": images, "reconstruction": rec,
             "finding_auroc": {f: {"feature": j, "auroc": a} for f, (j, a) in best.items()}}
 
 
 def init_report(cfg: SAETrainConfig) -> dict[int, dict[str, float]]:
     """Each init's best-feature AUROC per finding on the held-out (reported) images, printed with its worst
     finding; for the record only - the kept SAE was chosen on the validation images."""
-    from dataclasses import replace
+    from interp.sae.train import init_configs
 
-    out, tree = {}, open_store(cfg.store)
-    for seed in range(cfg.seed, cfg.seed + cfg.inits):
-        one = replace(cfg, seed=seed, inits=1, out=str(Path(cfg.out) / "inits" / str(seed)))
-        rows, codes = patch_features(load_sae(str(Path(one.out) / "sae")), sae_source(one, "test"))
-        out[seed] = {f: a for f, (_, a) in finding_auroc(codes.max(1), tree, rows).items()}
+    out = {}
+    for one in init_configs(cfg):
+        _, best = split_auroc(load_sae(str(Path(one.out) / "sae")), sae_source(one, "test"))
+        out[one.seed] = {f: a for f, (_, a) in best.items()}
     print("every init on the held-out images (not used to choose): "
           + ", ".join(f"seed {seed} worst {min(a.values()):.3f}" for seed, a in out.items()))
     return out

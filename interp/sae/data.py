@@ -35,8 +35,8 @@ class StoreActivations:
 
     ``tokens``: ``patch`` (image patches), ``cls`` (the CLS / special tokens) or ``all``; ``split``:
     ``train``, ``val`` or ``test`` (``test_fraction`` and ``val_fraction`` of the distinct images, drawn with
-    ``seed``); ``centre``
-    [n_positions, d], when given, is subtracted from every token at its position (:func:`position_mean`)."""
+    ``seed``); ``centre`` [n_positions, d], when given, is subtracted from every token at its position
+    (:func:`position_mean`)."""
 
     url: str
     site: str

@@ -81,10 +81,9 @@ def train_sae(cfg: SAETrainConfig) -> Path:
     if cfg.inits == 1:
         return _train_one(cfg, out)
     runs = []
-    for seed in range(cfg.seed, cfg.seed + cfg.inits):
-        one = replace(cfg, seed=seed, inits=1, out=str(out / "inits" / str(seed)))
+    for one in init_configs(cfg):
         path = _train_one(one, Path(one.out))
-        runs.append({"seed": seed, **validation_score(str(path), one)})
+        runs.append({"seed": one.seed, **validation_score(str(path), one)})
     best = max(runs, key=lambda r: r["score"])
     final = out / "sae"
     if final.exists():
@@ -98,19 +97,23 @@ def train_sae(cfg: SAETrainConfig) -> Path:
     return final
 
 
+def init_configs(cfg: SAETrainConfig) -> list[SAETrainConfig]:
+    """The single-init runs of ``cfg``: seeds ``seed``, ``seed + 1``, ..., each into ``<out>/inits/<seed>``."""
+    return [replace(cfg, seed=s, inits=1, out=str(Path(cfg.out) / "inits" / str(s)))
+            for s in range(cfg.seed, cfg.seed + cfg.inits)]
+
+
 def validation_score(path: str, cfg: SAETrainConfig) -> dict:
     """How good the SAE at ``path`` is on ``cfg``'s validation images: the worst finding's best-feature AUROC where
     the store has phantom labels, else the explained variance."""
-    from interp.sae.analysis import finding_auroc, load_sae, patch_features, sae_source
+    from interp.sae.analysis import load_sae, sae_source, split_auroc
     from interp.sae.metrics import reconstruction
     from interp.store import open_store
 
     sae, val = load_sae(path), sae_source(cfg, "val")
-    tree = open_store(cfg.store)
-    if "labels" in tree.data_vars:
-        rows, codes = patch_features(sae, val)
-        best = finding_auroc(codes.max(1), tree, rows)
-        return {"criterion": "worst finding AUROC", "score": min(a for _, a in best.values()), "images": len(rows),
+    if "labels" in open_store(cfg.store).data_vars:
+        images, best = split_auroc(sae, val)
+        return {"criterion": "worst finding AUROC", "score": min(a for _, a in best.values()), "images": images,
                 "finding_auroc": {f: a for f, (_, a) in best.items()}}
     return {"criterion": "explained variance", "score": reconstruction(sae, val)["explained_variance"],
             "images": len(val.samples)}
