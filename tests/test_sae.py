@@ -155,6 +155,14 @@ def test_bad_sources(store: str, tmp_path: Path) -> None:
         StoreActivations(store, "projector.out", tokens="cls")
 
 
+def test_reporting_keeps_strong_activations_of_sparse_features() -> None:
+    from interp.sae.analysis import reporting
+
+    acts = np.array([[1.0, 0.2, 0.9], [0.4, 0.0, 0.1]])
+    got = reporting(acts, peak=np.array([1.0, 0.5, 1.0]), density=np.array([0.2, 0.9, 0.6]), cut=0.5, cap=0.7)
+    np.testing.assert_array_equal(got, [[1.0, 0.0, 0.9], [0.0, 0.0, 0.0]])  # feature 1: active on 90% > 70%
+
+
 def test_metrics_against_hand_computation(store: str) -> None:
     """A ReLU SAE with identity weights: the code is relu(x), the reconstruction relu(x)."""
     from sae_lens import StandardSAE, StandardSAEConfig

@@ -31,6 +31,9 @@ from interp.store import Field, SampleIndex, StoreWriter, dataset_of, open_store
 FEATURE_BATCH = 4096
 TUNE_IMAGES = 300  # training images the compiled reports' strength cut is chosen on
 STRENGTH_CUTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+# a feature active on more than this share of the training images stays out of compiled reports: active on most
+# images, it cannot speak for a finding only some have (its description comes from its strongest images)
+DENSITY_CAPS = (1.0, 0.9, 0.7, 0.5, 0.3)
 
 
 def load_sae(path: str) -> Any:
@@ -191,16 +194,19 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
     reports = phantom_reports([data.specs[i] for i in train_images], seed=cfg.seed)
     descriptions = describe_features(train_codes.max(1), reports, top_k=top_k, seed=cfg.seed,
                                      method="lm" if lm else "extractive", lm_path=lm, lm_device=device)
-    cut = _strength_cut(train_codes.max(1)[:TUNE_IMAGES], train_images[:TUNE_IMAGES], descriptions, data)
-    compiled = compile_reports(_above(test_codes.max(1), train_codes.max(1).max(0), cut), descriptions)
-    result["reports_min_strength"] = cut
+    train_acts = train_codes.max(1)
+    peak, density = train_acts.max(0), (train_acts > 0).mean(0)
+    cut, cap = _report_settings(train_acts[:TUNE_IMAGES], train_images[:TUNE_IMAGES], peak, density, descriptions, data)
+    compiled = compile_reports(reporting(test_codes.max(1), peak, density, cut, cap), descriptions)
+    result["reports_min_strength"], result["reports_max_density"] = cut, cap
     labels = {f: [int(data.specs[i].has(f)) for i in images] for f in FINDINGS}
     own = _model_answers(adapter, data, images)
     result["reports"] = {"compiled": score_reports(compiled, labels),
                          "model_answers": score_reports([answers_to_text(a) for a in own], labels),
                          "examples": compiled[:5]}
-    yield (f"compiled reports ({len(compiled)} held-out images; features at >= {cut:.1f} of their peak, chosen on "
-           f"{min(TUNE_IMAGES, len(train_images))} training images): micro F1 "
+    yield (f"compiled reports ({len(compiled)} held-out images; features at >= {cut:.1f} of their peak and active on "
+           f"<= {cap:.0%} of the training images, both chosen on {min(TUNE_IMAGES, len(train_images))} training "
+           f"images): micro F1 "
            f"{result['reports']['compiled']['micro']['f1']:.3f}; the model's own answers: micro F1 "
            f"{result['reports']['model_answers']['micro']['f1']:.3f}")
 
@@ -233,20 +239,23 @@ def full_analysis(out: str, top_k: int = 10, n_features: int = 24, downstream_sa
     yield f"dashboards: {page}\nfeatures:   {store}\nfigures:    {Path(out) / 'analysis.json'}"
 
 
-def _above(image_acts: np.ndarray, peak: np.ndarray, cut: float) -> np.ndarray:
-    """Activations with those under ``cut`` x the feature's training maximum set to 0 (not reported)."""
-    return np.where(image_acts >= np.where(peak > 0, cut * peak, np.inf), image_acts, 0.0)
+def reporting(image_acts: np.ndarray, peak: np.ndarray, density: np.ndarray, cut: float, cap: float) -> np.ndarray:
+    """Image-level activations [n, features] that enter a compiled report: at least ``cut`` x the feature's training
+    maximum ``peak``, of features active on at most ``cap`` of the training images (``density``); the rest 0."""
+    keep = (density <= cap) & (image_acts >= np.where(peak > 0, cut * peak, np.inf))
+    return np.where(keep, image_acts, 0.0)
 
 
-def _strength_cut(image_acts: np.ndarray, images: list[int], descriptions: list, data: Any) -> float:
-    """The relative strength a feature needs to enter a compiled report: the cut with the best micro F1 on
-    training images (the held-out ones are scored with it, never tuned on)."""
+def _report_settings(image_acts: np.ndarray, images: list[int], peak: np.ndarray, density: np.ndarray,
+                     descriptions: list, data: Any) -> tuple[float, float]:
+    """The relative strength cut and the density cap (:func:`reporting`) with the best micro F1 on training images
+    (the held-out ones are scored with them, never tuned on)."""
     from interp.sae.describe import compile_reports, score_reports
 
     labels = {f: [int(data.specs[i].has(f)) for i in images] for f in FINDINGS}
-    peak = image_acts.max(0)
-    f1 = {cut: score_reports(compile_reports(_above(image_acts, peak, cut), descriptions), labels)["micro"]["f1"] or 0.0
-          for cut in STRENGTH_CUTS}
+    f1 = {(cut, cap): score_reports(compile_reports(reporting(image_acts, peak, density, cut, cap), descriptions),
+                                    labels)["micro"]["f1"] or 0.0
+          for cut in STRENGTH_CUTS for cap in DENSITY_CAPS}
     return max(f1, key=f1.get)
 
 
