@@ -130,3 +130,34 @@ def test_eval_only_on_the_validation_split_joins_metrics(tmp_path, capsys):
     assert got["images"] == 3 and got["metrics"]["presence/direct"]["n"] == 15  # 5 findings x 3 images
     assert got["shifts"]["rotation 10"]["presence/direct"]["n"] == 15
     assert after == before  # the test split's tables (plain and shifted) kept
+
+
+def test_answer_step_loss_equals_the_full_forward():
+    """The training step (image prefix cached once, one batch per answer mode) gives the loss and answer
+    accuracy of teacher forcing each whole sequence through the real HF forward."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from interp.models.train import N_PATCHES, TrainConfig, Trainer
+
+    t = Trainer(TrainConfig(n_train_images=4, prompts_per_image=6), progress=False)
+    t.load_data()
+    images = np.array([2, 0, 3])
+    rng = copy.deepcopy(t.rng)
+    with torch.no_grad():
+        out = t.answer_step(images)
+        t.rng = rng
+        seqs = [s for i in images for s in t.sample_prompts(int(i), 6)]
+        assert {mode for *_, mode in seqs} == {"direct", "cot"}
+        nll, n, hits = 0.0, 0, 0
+        tok, model = t.tok, t.model
+        for j, (prompt, target, _, _) in enumerate(seqs):
+            ids = torch.tensor([[tok.bos_token_id] + [model.config.image_token_id] * N_PATCHES + prompt + target[:-1]])
+            logits = model(input_ids=ids, pixel_values=t.pixels(torch.tensor([images[j // 6]]))).logits[0]
+            pred = logits[-len(target):]
+            nll += F.cross_entropy(pred, torch.tensor(target), reduction="sum").item()
+            n += len(target)
+            hits += int(pred[-1].argmax() == target[-1])
+    assert out["ce"] == pytest.approx(nll / n, rel=1e-5)
+    assert out["acc"] == hits / len(seqs)
