@@ -217,7 +217,9 @@ def text_logits(model, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.
                 mask: torch.Tensor) -> torch.Tensor:
     """Logits of text tokens ``ids`` [B, T] (right-padded, ``mask``) after the cached prefix of images ``rows``."""
     lm = model.model.language_model
-    cache = DynamicCache([(k[rows], v[rows]) for k, v in kv])
+    # index_select, not k[rows]: the backward of advanced indexing accumulates in a thread-dependent order, so
+    # two-thread training would stop reproducing bit for bit; index_select's index_add backward does not
+    cache = DynamicCache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv])
     B, T = ids.shape
     n0 = 1 + N_PATCHES
     am = torch.cat([torch.ones(B, n0, dtype=torch.long), mask], 1)
