@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from interp.data.images import load_image
-from interp.data.phantom import FINDINGS, SEVERITIES, SIDES, ZONES, PhantomSpec, sample_spec
+from interp.data.phantom import FINDINGS, SEVERITIES, SIDES, ZONE_FINDINGS, ZONES, PhantomSpec, sample_spec
 from interp.data.vqa import AFFIRMATIVE, FINDING_WORDS, SPLITS, VQADataset, VQAItem
 from interp.errors import InterpError
 
@@ -854,7 +854,7 @@ def _values(name: str, attribute: str) -> tuple[str | None, ...] | None:
     if attribute == "laterality":
         return SIDES if name != "cardiomegaly" else None
     if attribute == "zone":
-        return ZONES if name in ("consolidation", "nodule") else None
+        return ZONES if name in ZONE_FINDINGS else None
     return SEVERITIES
 
 

@@ -38,6 +38,8 @@ CONCEPTS = (
 )
 #: zone each finding is confined to (None: any zone; cardiomegaly has neither side nor zone)
 FIXED_ZONE = {"pleural_effusion": "lower", "pneumothorax": "upper"}
+#: findings drawn in any lung zone (the ones zone questions ask about)
+ZONE_FINDINGS = ("consolidation", "nodule")
 
 _LUNG_CX = 0.2  # lung centre offset from the midline (canonical units)
 _LUNG_CY, _LUNG_B = 0.52, 0.42  # lung ellipse centre row and half-height

@@ -23,6 +23,7 @@ from interp.data.phantom import (
     FINDINGS,
     SEVERITIES,
     SIDES,
+    ZONE_FINDINGS,
     ZONES,
     Anatomy,
     Finding,
@@ -107,7 +108,7 @@ def _applicable(kind: str, name: str, f: Finding | None) -> bool:
     if kind == "laterality":
         return f is not None and f.side is not None
     if kind == "zone":
-        return f is not None and name in ("consolidation", "nodule")
+        return f is not None and name in ZONE_FINDINGS
     return True
 
 

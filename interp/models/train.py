@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from interp.data.phantom import CONFOUNDED_FINDING, FINDINGS, SIDES, ZONES, sample_spec
+from interp.data.phantom import CONFOUNDED_FINDING, FINDINGS, SIDES, ZONE_FINDINGS, ZONES, sample_spec
 from interp.data.shifts import Shift, contrast, rotated
 from interp.data.vqa import ALL_KINDS, MODES, VQADataset, build_vqa, split_target
 from interp.errors import InterpError
@@ -49,10 +49,6 @@ from interp.models.organism import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, PATCH_SIZE
 
 GRID = IMAGE_SIZE // PATCH_SIZE
 N_PATCHES = GRID * GRID
-
-
-#: findings drawn in a lung zone of their own (the ones zone questions ask about)
-ZONE_FINDINGS = ("consolidation", "nodule")
 
 
 def _aux_classes() -> list[tuple[str, str | None, str | None]]:
